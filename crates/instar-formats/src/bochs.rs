@@ -1,0 +1,1 @@
+//! bochs format. (Being written: see the issue tracker.)

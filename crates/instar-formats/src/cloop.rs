@@ -1,0 +1,1 @@
+//! cloop format. (Being written: see the issue tracker.)

@@ -1,0 +1,1 @@
+//! dmg format. (Being written: see the issue tracker.)

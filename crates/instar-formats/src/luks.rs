@@ -1,0 +1,1 @@
+//! luks format. (Being written: see the issue tracker.)

@@ -1,0 +1,1 @@
+//! parallels format. (Being written: see the issue tracker.)

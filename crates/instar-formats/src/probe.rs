@@ -1,0 +1,1 @@
+//! Format probing and the driver table.

@@ -1,0 +1,1 @@
+//! qcow format. (Being written: see the issue tracker.)

@@ -1,0 +1,1 @@
+//! qcow2 format. (Being written: see the issue tracker.)

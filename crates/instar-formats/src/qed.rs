@@ -1,0 +1,1 @@
+//! qed format. (Being written: see the issue tracker.)

@@ -1,0 +1,1 @@
+//! raw format. (Being written: see the issue tracker.)

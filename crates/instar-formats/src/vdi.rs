@@ -1,0 +1,1 @@
+//! vdi format. (Being written: see the issue tracker.)

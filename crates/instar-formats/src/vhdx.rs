@@ -1,0 +1,1 @@
+//! vhdx format. (Being written: see the issue tracker.)

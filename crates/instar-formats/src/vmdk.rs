@@ -1,0 +1,1 @@
+//! vmdk format. (Being written: see the issue tracker.)

@@ -1,0 +1,1 @@
+//! vpc format. (Being written: see the issue tracker.)

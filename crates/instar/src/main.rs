@@ -1,0 +1,2 @@
+//! instar: the qemu-img command line over a sandboxed engine.
+fn main() {}
