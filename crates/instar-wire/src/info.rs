@@ -22,9 +22,11 @@ pub struct ImageInfo {
     pub encrypted: bool,
     /// `compressed` (only vmdk extents set it; kept for completeness).
     pub compressed: Option<bool>,
-    /// The image is marked dirty (`cleanly shut down: no`). qemu reports
-    /// `dirty-flag` false for most formats; qcow2 v3 and qed report the bit.
-    pub dirty_flag: bool,
+    /// `dirty-flag`: present exactly when qemu's driver answers
+    /// `bdrv_get_info` (raw, qcow2, qed, vmdk, vpc, vhdx, vdi...), absent for
+    /// drivers without it (parallels, bochs, cloop, dmg). `Some(true)` prints
+    /// `cleanly shut down: no` (qcow2 v3 dirty bit, qed need-check bit).
+    pub dirty_flag: Option<bool>,
     /// Backing file name exactly as stored in the image.
     pub backing_filename: Option<String>,
     /// Backing file format as stored in the image.
@@ -37,6 +39,10 @@ pub struct ImageInfo {
     /// first: e.g. `extents.1`, `extents.0`, `file`). The host renders each
     /// from its own stat of the file.
     pub children: Vec<ChildFile>,
+    /// Lines qemu-img prints on stderr while opening this image (warnings
+    /// such as dmg's missing-module notes), exact text without the
+    /// `qemu-img: ` prefix and the newline.
+    pub warnings: Vec<String>,
 }
 
 /// A child node that is a plain file the host opened for this call.

@@ -1,1 +1,0 @@
-//! qcow2 format. (Being written: see the issue tracker.)
