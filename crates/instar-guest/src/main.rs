@@ -1,0 +1,262 @@
+//! instar's guest: the only code that reads image bytes. It runs at ring 3
+//! on one vCPU with an identity map and no interrupts; the host starts it at
+//! `_start` with the mailbox address in rdi. It decodes the request, runs
+//! the engine over [`MailboxFiles`], writes the response and rings
+//! [`PORT_DONE`]. Everything it can reach is its own RAM and four ports.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod heap;
+mod mailbox;
+
+use alloc::vec::Vec;
+use instar_formats::Files;
+use instar_wire::mailbox::{MESSAGE_ADDR, MESSAGE_CAPACITY, PORT_PANIC};
+use instar_wire::{FileId, HostCall, HostReply, ImageError, Request, Response};
+use mailbox::Mailbox;
+
+/// Bytes per read-cache chunk. Header and table reads are small and
+/// clustered; one exit costs 25-40 us here, so each miss fetches a whole
+/// aligned chunk.
+const CHUNK: usize = 256 << 10;
+/// Chunks kept (LRU). 8 x 256 KiB = 2 MiB of heap.
+const CACHE_ENTRIES: usize = 8;
+/// Largest single read request; bigger reads are split (the host refuses
+/// more than `instar_vmm::limits::MAX_READ_BYTES`, 16 MiB).
+const MAX_READ: usize = 16 << 20;
+
+struct Chunk {
+    file: FileId,
+    index: u64,
+    last_use: u64,
+    data: Vec<u8>,
+}
+
+/// [`Files`] over the mailbox, with a small read cache.
+struct MailboxFiles {
+    mailbox: Mailbox,
+    lengths: Vec<u64>,
+    cache: Vec<Chunk>,
+    clock: u64,
+}
+
+impl MailboxFiles {
+    fn new(mailbox: Mailbox, root_length: u64) -> Self {
+        Self {
+            mailbox,
+            lengths: alloc::vec![root_length],
+            cache: Vec::new(),
+            clock: 0,
+        }
+    }
+
+    fn length(&self, file: FileId) -> instar_formats::Result<u64> {
+        self.lengths
+            .get(file as usize)
+            .copied()
+            .ok_or_else(|| ImageError::operation("internal error: no such file id"))
+    }
+
+    /// One read exit: the host fills `buf` (zeros past the end of file).
+    fn read_direct(
+        &mut self,
+        file: FileId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> instar_formats::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_READ);
+            let at = offset.saturating_add(done as u64);
+            let status = self.mailbox.read(file, at, &mut buf[done..done + n]);
+            if status != 0 {
+                return Err(ImageError::operation(alloc::format!(
+                    "Could not read image: I/O error (errno {status})"
+                )));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The cached chunk `index` of `file`, fetched on a miss.
+    fn chunk(&mut self, file: FileId, index: u64, file_len: u64) -> instar_formats::Result<&[u8]> {
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some(pos) = self
+            .cache
+            .iter()
+            .position(|c| c.file == file && c.index == index)
+        {
+            self.cache[pos].last_use = clock;
+            return Ok(&self.cache[pos].data);
+        }
+        let start = index * CHUNK as u64;
+        // Only the part inside the file crosses the boundary; the rest of
+        // the chunk stays zero, as the read contract wants.
+        let want = file_len.saturating_sub(start).min(CHUNK as u64) as usize;
+        let slot = if self.cache.len() < CACHE_ENTRIES {
+            self.cache.push(Chunk {
+                file,
+                index,
+                last_use: clock,
+                data: alloc::vec![0; CHUNK],
+            });
+            self.cache.len() - 1
+        } else {
+            let (pos, _) = self
+                .cache
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, c)| c.last_use)
+                .expect("cache is full, so not empty");
+            pos
+        };
+        let mut data = core::mem::take(&mut self.cache[slot].data);
+        data.fill(0);
+        let result = self.read_direct(file, start, &mut data[..want]);
+        let entry = &mut self.cache[slot];
+        entry.data = data;
+        entry.file = file;
+        entry.index = index;
+        entry.last_use = clock;
+        if let Err(e) = result {
+            // Never leave a half-filled chunk findable.
+            entry.index = u64::MAX;
+            return Err(e);
+        }
+        Ok(&self.cache[slot].data)
+    }
+}
+
+impl Files for MailboxFiles {
+    fn len(&mut self, file: FileId) -> instar_formats::Result<u64> {
+        self.length(file)
+    }
+
+    fn read_at(&mut self, file: FileId, offset: u64, buf: &mut [u8]) -> instar_formats::Result<()> {
+        let file_len = self.length(file)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // Entirely past the end: zeros, no exit.
+        if offset >= file_len {
+            buf.fill(0);
+            return Ok(());
+        }
+        if buf.len() >= CHUNK {
+            return self.read_direct(file, offset, buf);
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = match offset.checked_add(done as u64) {
+                Some(at) if at < file_len => at,
+                _ => {
+                    buf[done..].fill(0);
+                    break;
+                }
+            };
+            let index = at / CHUNK as u64;
+            let within = (at % CHUNK as u64) as usize;
+            let n = (CHUNK - within).min(buf.len() - done);
+            let chunk = self.chunk(file, index, file_len)?;
+            buf[done..done + n].copy_from_slice(&chunk[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, relative_to: FileId, path: &str) -> instar_formats::Result<FileId> {
+        let call = HostCall::Open {
+            relative_to,
+            path: path.into(),
+        };
+        let encoded = postcard::to_allocvec(&call)
+            .map_err(|_| ImageError::operation("internal error: cannot encode host call"))?;
+        let reply = self.mailbox.call(&encoded);
+        match postcard::from_bytes::<HostReply>(reply) {
+            Ok(HostReply::Opened { file, length }) => {
+                if file as usize != self.lengths.len() {
+                    return Err(ImageError::operation(
+                        "internal error: host gave an unexpected file id",
+                    ));
+                }
+                self.lengths.push(length);
+                Ok(file)
+            }
+            Ok(HostReply::Failed(error)) => Err(error),
+            Err(_) => Err(ImageError::operation(
+                "internal error: undecodable host reply",
+            )),
+        }
+    }
+}
+
+/// Entry point: the host sets rip here, rsp to `STACK_TOP - 8` and rdi to
+/// the mailbox address.
+#[no_mangle]
+#[link_section = ".text._start"]
+pub extern "C" fn _start(mailbox_addr: u64) -> ! {
+    let mailbox = Mailbox::new(mailbox_addr);
+    heap::init(mailbox.memory_end());
+    let response = match mailbox.request() {
+        Some(bytes) => match postcard::from_bytes::<Request>(bytes) {
+            Ok(request) => {
+                let mut files = MailboxFiles::new(mailbox, mailbox.root_length());
+                instar_engine::handle(&mut files, &request)
+            }
+            Err(_) => Response::Error(ImageError::operation("internal error: undecodable request")),
+        },
+        None => Response::Error(ImageError::operation(
+            "internal error: request does not fit the mailbox",
+        )),
+    };
+    match postcard::to_allocvec(&response) {
+        Ok(encoded) => mailbox.done(&encoded),
+        Err(_) => panic!("cannot encode the response"),
+    }
+}
+
+/// Fixed-capacity writer into the mailbox message area, so a panic report
+/// needs no allocation (the panic may be an allocation failure).
+struct PanicText {
+    len: usize,
+}
+
+impl core::fmt::Write for PanicText {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let room = (MESSAGE_CAPACITY as usize).saturating_sub(self.len);
+        // Cut at a char boundary so the host always gets valid UTF-8.
+        let mut n = s.len().min(room);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        // SAFETY: the message area [MESSAGE_ADDR, +MESSAGE_CAPACITY) is
+        // mapped guest RAM reserved for messages; len + n <= capacity.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                s.as_ptr(),
+                (MESSAGE_ADDR as usize + self.len) as *mut u8,
+                n,
+            );
+        }
+        self.len += n;
+        Ok(())
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::fmt::Write;
+    let mut text = PanicText { len: 0 };
+    let _ = write!(text, "{}", info.message());
+    if let Some(loc) = info.location() {
+        let _ = write!(text, " at {}:{}", loc.file(), loc.line());
+    }
+    let mailbox = Mailbox::new(instar_wire::mailbox::MAILBOX_ADDR);
+    loop {
+        mailbox.signal_message(PORT_PANIC, MESSAGE_ADDR, text.len as u64);
+    }
+}

@@ -1,0 +1,443 @@
+//! The host side of the mailbox protocol (see docs/wire-protocol.md).
+//!
+//! Every guest→host value is validated before use: file ids against the
+//! call's file table, lengths against the limits, addresses against guest
+//! RAM. A violation ends the run with an error; it is never "fixed up".
+
+use crate::gate::Gate;
+use crate::memory::GuestMemory;
+use crate::{limits, OpenedFile, VmmError};
+use instar_wire::mailbox::{
+    Le64, MailboxHeader, HEADER_BYTES, MAGIC, MAILBOX_ADDR, MESSAGE_ADDR, MESSAGE_CAPACITY,
+    PORT_CALL, PORT_DONE, PORT_PANIC, PORT_READ, PROTOCOL_VERSION, STATUS_OK,
+};
+use instar_wire::{ErrorKind, HostCall, HostReply, ImageError, Request, Response};
+use std::os::unix::fs::FileExt;
+
+/// What the run loop does after an exit.
+pub enum Exit {
+    /// Resume the guest.
+    Continue,
+    /// The guest is done; its response.
+    Done(Box<Response>),
+}
+
+/// Host state of one run: the call's files and counters.
+pub struct HostMailbox {
+    /// Files of the call, indexed by FileId (0 = root).
+    pub files: Vec<OpenedFile>,
+    gate: Gate,
+    /// VM exits so far.
+    pub exits: u64,
+    /// READ calls served.
+    pub reads: u64,
+    /// Bytes read for the guest.
+    pub bytes_read: u64,
+}
+
+fn violation(what: impl std::fmt::Display) -> VmmError {
+    VmmError::Failed(format!("guest protocol violation: {what}"))
+}
+
+impl HostMailbox {
+    /// State for a run with `root` as file 0.
+    pub fn new(root: OpenedFile, gate: Gate) -> Self {
+        Self {
+            files: vec![root],
+            gate,
+            exits: 0,
+            reads: 0,
+            bytes_read: 0,
+        }
+    }
+
+    /// Write the header and the request before the guest starts.
+    pub fn start(&self, memory: &mut GuestMemory, request: &Request) -> Result<(), VmmError> {
+        let encoded = postcard::to_allocvec(request)
+            .map_err(|e| VmmError::Failed(format!("cannot encode request: {e}")))?;
+        if encoded.len() as u64 > MESSAGE_CAPACITY {
+            return Err(VmmError::Failed(format!(
+                "request of {} bytes does not fit the mailbox ({MESSAGE_CAPACITY} bytes)",
+                encoded.len()
+            )));
+        }
+        let root_length = self.files[0]
+            .file
+            .metadata()
+            .map_err(|e| {
+                VmmError::Failed(format!(
+                    "cannot stat '{}': {}",
+                    self.files[0].display_name,
+                    crate::os_error(e)
+                ))
+            })?
+            .len();
+        let header = MailboxHeader {
+            magic: Le64::new(MAGIC),
+            version: Le64::new(PROTOCOL_VERSION),
+            memory_end: Le64::new(memory.size()),
+            root_length: Le64::new(root_length),
+            request_len: Le64::new(encoded.len() as u64),
+            ..Default::default()
+        };
+        let oob = || VmmError::Failed("guest memory too small for the mailbox".into());
+        memory
+            .write(MAILBOX_ADDR, &header.to_bytes())
+            .ok_or_else(oob)?;
+        memory.write(MESSAGE_ADDR, &encoded).ok_or_else(oob)?;
+        Ok(())
+    }
+
+    fn header(memory: &GuestMemory) -> Result<MailboxHeader, VmmError> {
+        let bytes = memory
+            .slice(MAILBOX_ADDR, HEADER_BYTES as u64)
+            .ok_or_else(|| violation("mailbox outside memory"))?;
+        let mut b = [0u8; HEADER_BYTES];
+        b.copy_from_slice(bytes);
+        Ok(MailboxHeader::from_bytes(&b))
+    }
+
+    fn put_header(memory: &mut GuestMemory, header: &MailboxHeader) -> Result<(), VmmError> {
+        memory
+            .write(MAILBOX_ADDR, &header.to_bytes())
+            .ok_or_else(|| violation("mailbox outside memory"))
+    }
+
+    /// The guest message named by `msg_addr`/`msg_len`, at most `max` bytes.
+    fn message<'m>(
+        memory: &'m GuestMemory,
+        header: &MailboxHeader,
+        max: u64,
+    ) -> Result<&'m [u8], VmmError> {
+        let (addr, len) = (header.msg_addr.get(), header.msg_len.get());
+        if len > max {
+            return Err(violation(format!(
+                "message of {len} bytes exceeds the limit of {max}"
+            )));
+        }
+        memory.slice(addr, len).ok_or_else(|| {
+            violation(format!(
+                "message at {addr:#x}+{len} is outside guest memory"
+            ))
+        })
+    }
+
+    /// Handle one `out` to `port`.
+    pub fn handle(&mut self, port: u16, memory: &mut GuestMemory) -> Result<Exit, VmmError> {
+        let mut header = Self::header(memory)?;
+        match port {
+            PORT_READ => {
+                let status = self.read(&header, memory)?;
+                header.status = Le64::new(status);
+                Self::put_header(memory, &header)?;
+                Ok(Exit::Continue)
+            }
+            PORT_CALL => {
+                let message = Self::message(memory, &header, limits::MAX_MESSAGE_BYTES)?;
+                let call: HostCall = postcard::from_bytes(message)
+                    .map_err(|_| violation("undecodable host call"))?;
+                let reply = self.call(call)?;
+                let encoded = postcard::to_allocvec(&reply)
+                    .map_err(|e| VmmError::Failed(format!("cannot encode reply: {e}")))?;
+                if encoded.len() as u64 > MESSAGE_CAPACITY {
+                    return Err(VmmError::Failed(
+                        "host reply does not fit the mailbox".into(),
+                    ));
+                }
+                memory
+                    .write(MESSAGE_ADDR, &encoded)
+                    .ok_or_else(|| violation("mailbox outside memory"))?;
+                header.reply_len = Le64::new(encoded.len() as u64);
+                Self::put_header(memory, &header)?;
+                Ok(Exit::Continue)
+            }
+            PORT_DONE => {
+                let message = Self::message(memory, &header, limits::MAX_MESSAGE_BYTES)?;
+                let response: Response =
+                    postcard::from_bytes(message).map_err(|_| violation("undecodable response"))?;
+                Ok(Exit::Done(Box::new(response)))
+            }
+            PORT_PANIC => {
+                let message = Self::message(memory, &header, MESSAGE_CAPACITY)?;
+                Err(VmmError::Failed(format!(
+                    "guest panicked: {}",
+                    one_line(message, limits::MAX_PANIC_TEXT)
+                )))
+            }
+            other => Err(violation(format!("write to unknown port {other:#x}"))),
+        }
+    }
+
+    fn read(&mut self, header: &MailboxHeader, memory: &mut GuestMemory) -> Result<u64, VmmError> {
+        let (id, offset, length, buffer) = (
+            header.file.get(),
+            header.offset.get(),
+            header.length.get(),
+            header.buffer.get(),
+        );
+        let file = usize::try_from(id)
+            .ok()
+            .and_then(|i| self.files.get(i))
+            .ok_or_else(|| violation(format!("read of unknown file id {id}")))?;
+        if length > limits::MAX_READ_BYTES {
+            return Err(violation(format!(
+                "read of {length} bytes exceeds MAX_READ_BYTES ({})",
+                limits::MAX_READ_BYTES
+            )));
+        }
+        let buf = memory.slice_mut(buffer, length).ok_or_else(|| {
+            violation(format!(
+                "read target {buffer:#x}+{length} is outside guest memory"
+            ))
+        })?;
+        self.reads += 1;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let Some(at) = offset.checked_add(done as u64) else {
+                break;
+            };
+            match file.file.read_at(&mut buf[done..], at) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Ok(e.raw_os_error().map_or(libc::EIO as u64, |n| n as u64)),
+            }
+        }
+        // Past the end of the file reads as zeros (qemu's file driver does
+        // the same for reads beyond EOF).
+        buf[done..].fill(0);
+        self.bytes_read += done as u64;
+        Ok(STATUS_OK)
+    }
+
+    fn call(&mut self, call: HostCall) -> Result<HostReply, VmmError> {
+        match call {
+            HostCall::Open { relative_to, path } => {
+                let base = self.files.get(relative_to as usize).ok_or_else(|| {
+                    violation(format!("open relative to unknown file id {relative_to}"))
+                })?;
+                if path.len() > limits::MAX_PATH_BYTES {
+                    return Ok(HostReply::Failed(ImageError::limit(format!(
+                        "file name of {} bytes is longer than {} (MAX_PATH_BYTES)",
+                        path.len(),
+                        limits::MAX_PATH_BYTES
+                    ))));
+                }
+                if self.files.len() > limits::MAX_OPEN_FILES {
+                    return Ok(HostReply::Failed(ImageError {
+                        kind: ErrorKind::Limit,
+                        message: format!(
+                            "image names more than {} files (MAX_OPEN_FILES)",
+                            limits::MAX_OPEN_FILES
+                        ),
+                    }));
+                }
+                match self.gate.open(&base.display_name, &path) {
+                    Ok(opened) => {
+                        let length = opened.file.metadata().map(|m| m.len()).unwrap_or(0);
+                        let file = self.files.len() as u32;
+                        self.files.push(opened);
+                        Ok(HostReply::Opened { file, length })
+                    }
+                    Err(e) => Ok(HostReply::Failed(e)),
+                }
+            }
+        }
+    }
+}
+
+/// Guest text as one printable line of at most `max` bytes.
+fn one_line(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use instar_wire::mailbox::{HEAP_ADDR, MIN_MEMORY};
+
+    fn setup(content: &[u8]) -> (HostMailbox, GuestMemory, std::path::PathBuf) {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("instar-mbox-{}-{n}", std::process::id()));
+        std::fs::write(&path, content).unwrap();
+        let root = OpenedFile {
+            display_name: path.to_string_lossy().into(),
+            file: std::fs::File::open(&path).unwrap(),
+        };
+        let mut memory = GuestMemory::new(MIN_MEMORY).unwrap();
+        let mb = HostMailbox::new(root, Gate::default());
+        let req = Request::Info {
+            format: None,
+            filename: "x".into(),
+        };
+        mb.start(&mut memory, &req).unwrap();
+        (mb, memory, path)
+    }
+
+    fn set(memory: &mut GuestMemory, f: impl FnOnce(&mut MailboxHeader)) {
+        let mut h = HostMailbox::header(memory).unwrap();
+        f(&mut h);
+        HostMailbox::put_header(memory, &h).unwrap();
+    }
+
+    fn err(r: Result<Exit, VmmError>) -> String {
+        match r {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    #[test]
+    fn start_writes_header_and_request() {
+        let (_mb, memory, path) = setup(b"hello");
+        let h = HostMailbox::header(&memory).unwrap();
+        assert_eq!(h.magic.get(), MAGIC);
+        assert_eq!(h.root_length.get(), 5);
+        assert_eq!(h.memory_end.get(), MIN_MEMORY);
+        let req: Request =
+            postcard::from_bytes(memory.slice(MESSAGE_ADDR, h.request_len.get()).unwrap()).unwrap();
+        assert_eq!(
+            req,
+            Request::Info {
+                format: None,
+                filename: "x".into()
+            }
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn read_fills_and_zero_pads() {
+        let (mut mb, mut memory, path) = setup(b"hello world");
+        memory.write(HEAP_ADDR, &[0xff; 16]).unwrap();
+        set(&mut memory, |h| {
+            h.file = Le64::new(0);
+            h.offset = Le64::new(6);
+            h.length = Le64::new(16);
+            h.buffer = Le64::new(HEAP_ADDR);
+        });
+        assert!(matches!(
+            mb.handle(PORT_READ, &mut memory),
+            Ok(Exit::Continue)
+        ));
+        assert_eq!(
+            memory.slice(HEAP_ADDR, 16).unwrap(),
+            b"world\0\0\0\0\0\0\0\0\0\0\0"
+        );
+        assert_eq!(
+            HostMailbox::header(&memory).unwrap().status.get(),
+            STATUS_OK
+        );
+        // Offset at u64::MAX is all zeros, not an overflow.
+        set(&mut memory, |h| h.offset = Le64::new(u64::MAX));
+        assert!(matches!(
+            mb.handle(PORT_READ, &mut memory),
+            Ok(Exit::Continue)
+        ));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn read_bounds_are_enforced() {
+        let (mut mb, mut memory, path) = setup(b"data");
+        let size = memory.size();
+        set(&mut memory, |h| {
+            h.length = Le64::new(16);
+            h.buffer = Le64::new(size - 8);
+        });
+        assert!(err(mb.handle(PORT_READ, &mut memory)).contains("outside guest memory"));
+        set(&mut memory, |h| h.buffer = Le64::new(u64::MAX - 4));
+        assert!(err(mb.handle(PORT_READ, &mut memory)).contains("outside guest memory"));
+        set(&mut memory, |h| {
+            h.buffer = Le64::new(HEAP_ADDR);
+            h.length = Le64::new(limits::MAX_READ_BYTES + 1);
+        });
+        assert!(err(mb.handle(PORT_READ, &mut memory)).contains("MAX_READ_BYTES"));
+        set(&mut memory, |h| {
+            h.length = Le64::new(4);
+            h.file = Le64::new(1);
+        });
+        assert!(err(mb.handle(PORT_READ, &mut memory)).contains("unknown file id"));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn messages_are_bounded_and_decoded() {
+        let (mut mb, mut memory, path) = setup(b"data");
+        set(&mut memory, |h| {
+            h.msg_addr = Le64::new(HEAP_ADDR);
+            h.msg_len = Le64::new(limits::MAX_MESSAGE_BYTES + 1);
+        });
+        assert!(err(mb.handle(PORT_DONE, &mut memory)).contains("exceeds the limit"));
+        let size = memory.size();
+        set(&mut memory, |h| {
+            h.msg_addr = Le64::new(size - 2);
+            h.msg_len = Le64::new(3);
+        });
+        assert!(err(mb.handle(PORT_CALL, &mut memory)).contains("outside guest memory"));
+        memory.write(HEAP_ADDR, &[0xff; 8]).unwrap();
+        set(&mut memory, |h| {
+            h.msg_addr = Le64::new(HEAP_ADDR);
+            h.msg_len = Le64::new(8);
+        });
+        assert!(err(mb.handle(PORT_DONE, &mut memory)).contains("undecodable response"));
+        assert!(err(mb.handle(PORT_CALL, &mut memory)).contains("undecodable host call"));
+        assert!(err(mb.handle(0x99, &mut memory)).contains("unknown port"));
+        memory.write(HEAP_ADDR, b"boom\nline").unwrap();
+        set(&mut memory, |h| h.msg_len = Le64::new(9));
+        assert_eq!(
+            err(mb.handle(PORT_PANIC, &mut memory)),
+            "instar: guest panicked: boom line"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn open_call_goes_through_the_gate() {
+        let (mut mb, mut memory, path) = setup(b"data");
+        let call = postcard::to_allocvec(&HostCall::Open {
+            relative_to: 0,
+            path: "/etc/passwd".into(),
+        })
+        .unwrap();
+        memory.write(HEAP_ADDR, &call).unwrap();
+        set(&mut memory, |h| {
+            h.msg_addr = Le64::new(HEAP_ADDR);
+            h.msg_len = Le64::new(call.len() as u64);
+        });
+        assert!(matches!(
+            mb.handle(PORT_CALL, &mut memory),
+            Ok(Exit::Continue)
+        ));
+        let len = HostMailbox::header(&memory).unwrap().reply_len.get();
+        let reply: HostReply =
+            postcard::from_bytes(memory.slice(MESSAGE_ADDR, len).unwrap()).unwrap();
+        match reply {
+            HostReply::Failed(e) => assert_eq!(e.kind, ErrorKind::Refused),
+            other => panic!("{other:?}"),
+        }
+        let call = postcard::to_allocvec(&HostCall::Open {
+            relative_to: 7,
+            path: "x".into(),
+        })
+        .unwrap();
+        memory.write(HEAP_ADDR, &call).unwrap();
+        set(&mut memory, |h| h.msg_len = Le64::new(call.len() as u64));
+        assert!(err(mb.handle(PORT_CALL, &mut memory)).contains("unknown file id 7"));
+        std::fs::remove_file(path).unwrap();
+    }
+}
