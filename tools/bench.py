@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of instar against the real qemu-img.
+
+Runs each command with instar and qemu-img alternately on the same image in
+the same run, takes the median of N runs of each, and prints the ratio
+instar/qemu-img. Timings on shared machines are noisy: read medians and
+ratios, never a single run. Images are generated once under the cache
+directory and reused.
+
+Usage: tools/bench.py [--runs N] [--instar PATH] [--qemu-img PATH] [--only NAME]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+def sh(*args, **kw):
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, **kw)
+
+
+def make_images(qemu_img: str, qemu_io: str, out: Path) -> dict:
+    """Images of the issue's benchmark rows, made once and reused."""
+    out.mkdir(parents=True, exist_ok=True)
+    images = {}
+
+    # A 1 GiB qcow2 with 256 MiB of data in 1 MiB pieces spread over the disk.
+    path = out / "data-1g.qcow2"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        sh(qemu_img, "create", "-q", "-f", "qcow2", str(tmp), "1G")
+        cmds = []
+        for i in range(256):
+            off = i * 4 * MIB
+            cmds += ["-c", f"write -P {i % 251 + 1} {off} {MIB}"]
+        sh(qemu_io, "-f", "qcow2", *cmds, str(tmp))
+        tmp.rename(path)
+    images["qcow2 1 GiB with data"] = path
+    return images
+
+
+def time_run(argv, cwd) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"bench: {' '.join(map(str, argv))} failed ({r.returncode}): {r.stderr.decode(errors='replace').strip()}")
+    return elapsed
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=11, help="runs of each tool per row (median is reported; at least 7)")
+    ap.add_argument("--instar", default=os.environ.get("INSTAR_BINARY_PATH", str(REPO / "target/release/instar")))
+    ap.add_argument("--qemu-img", default=os.environ.get("QEMU_IMG", "qemu-img"))
+    ap.add_argument("--cache", default=os.environ.get("INSTAR_CACHE", str(REPO / ".cache")))
+    ap.add_argument("--only", help="run only rows whose name contains this text")
+    args = ap.parse_args()
+    if args.runs < 7:
+        ap.error("--runs must be at least 7")
+    qemu_img = shutil.which(args.qemu_img) or args.qemu_img
+    qemu_io = shutil.which("qemu-io") or str(Path(qemu_img).with_name("qemu-io"))
+    if not Path(args.instar).exists():
+        sys.exit(f"bench: instar binary not found at {args.instar} (build with cargo build --release)")
+
+    images = make_images(qemu_img, qemu_io, Path(args.cache) / "bench")
+    version = subprocess.run([qemu_img, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    print(f"qemu-img: {version}")
+    print(f"instar:   {args.instar}")
+    print(f"runs per tool per row: {args.runs} (alternating), median in ms\n")
+
+    rows = []
+    for image_name, path in images.items():
+        for label, extra in (("info", []), ("info --output=json", ["--output=json"])):
+            rows.append((f"{label} [{image_name}]", ["info", *extra, path.name], path.parent))
+
+    print(f"{'command':<52} {'qemu-img':>9} {'instar':>9} {'ratio':>7}")
+    worst = 0.0
+    for name, argv, cwd in rows:
+        if args.only and args.only not in name:
+            continue
+        q, i = [], []
+        # One warm-up of each so page cache and version caches are equal.
+        time_run([qemu_img, *argv], cwd)
+        time_run([args.instar, *argv], cwd)
+        for _ in range(args.runs):
+            q.append(time_run([qemu_img, *argv], cwd))
+            i.append(time_run([args.instar, *argv], cwd))
+        qm, im = statistics.median(q) * 1000, statistics.median(i) * 1000
+        ratio = im / qm
+        worst = max(worst, ratio)
+        print(f"{name:<52} {qm:9.2f} {im:9.2f} {ratio:7.2f}")
+    print(f"\nworst ratio instar/qemu-img: {worst:.2f}")
+
+
+if __name__ == "__main__":
+    main()
