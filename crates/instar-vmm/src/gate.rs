@@ -79,6 +79,7 @@ impl Gate {
         if !self.permits(&canonical) {
             return Err(ImageError {
                 kind: ErrorKind::Refused,
+                warnings: Vec::new(),
                 message: format!(
                     "instar refuses '{}': outside the image's directory and allow_paths",
                     canonical.display()
@@ -97,6 +98,7 @@ impl Gate {
         if !meta.is_file() {
             return Err(ImageError {
                 kind: ErrorKind::Refused,
+                warnings: Vec::new(),
                 message: format!(
                     "instar refuses '{}': not a regular file",
                     canonical.display()

@@ -226,6 +226,7 @@ impl HostMailbox {
                 if self.files.len() > limits::MAX_OPEN_FILES {
                     return Ok(HostReply::Failed(ImageError {
                         kind: ErrorKind::Limit,
+                        warnings: Vec::new(),
                         message: format!(
                             "image names more than {} files (MAX_OPEN_FILES)",
                             limits::MAX_OPEN_FILES

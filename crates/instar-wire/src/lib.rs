@@ -18,6 +18,7 @@ pub mod info;
 pub mod mailbox;
 
 use alloc::string::String;
+use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 pub use info::*;
@@ -60,6 +61,9 @@ pub struct ImageError {
     /// The message qemu-img prints after `Could not open 'FILE': ` (for
     /// [`ErrorKind::Open`]) or after `qemu-img: ` otherwise. Exact text.
     pub message: String,
+    /// Lines qemu-img prints on stderr before the error (e.g. vhdx's region
+    /// overlap report), without the `qemu-img: ` prefix and the newline.
+    pub warnings: Vec<String>,
 }
 
 /// Class of an [`ImageError`].
@@ -79,15 +83,20 @@ pub enum ErrorKind {
 impl ImageError {
     /// An open error with qemu-img's inner message.
     pub fn open(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Open, message: message.into() }
+        Self { kind: ErrorKind::Open, message: message.into(), warnings: Vec::new() }
     }
     /// An operation error.
     pub fn operation(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Operation, message: message.into() }
+        Self { kind: ErrorKind::Operation, message: message.into(), warnings: Vec::new() }
     }
     /// A limit error.
     pub fn limit(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Limit, message: message.into() }
+        Self { kind: ErrorKind::Limit, message: message.into(), warnings: Vec::new() }
+    }
+    /// The same error, preceded on stderr by `warnings`.
+    pub fn with_warnings(mut self, warnings: Vec<String>) -> Self {
+        self.warnings = warnings;
+        self
     }
 }
 

@@ -248,6 +248,14 @@ pub fn run(call: &InfoCall) -> Result<Vec<u8>, CliError> {
             filename: name.clone(),
         };
         let outcome = instar_vmm::run(&sandbox, root, &request).map_err(vmm_error)?;
+        let warnings = match &outcome.response {
+            Response::Info(i) => &i.warnings,
+            Response::Error(e) => &e.warnings,
+        };
+        // qemu-img reports these on stderr while opening, before any result.
+        for line in warnings {
+            eprintln!("qemu-img: {line}");
+        }
         let info: ImageInfo = match outcome.response {
             Response::Info(i) => i,
             Response::Error(e) => {
