@@ -15,7 +15,9 @@ struct HostFiles {
 impl Files for HostFiles {
     fn len(&mut self, file: FileId) -> Result<u64> {
         let (_, f) = &self.files[file as usize];
-        f.metadata().map(|m| m.len()).map_err(|e| ImageError::operation(e.to_string()))
+        f.metadata()
+            .map(|m| m.len())
+            .map_err(|e| ImageError::operation(e.to_string()))
     }
     fn read_at(&mut self, file: FileId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (_, f) = &self.files[file as usize];
@@ -37,9 +39,8 @@ impl Files for HostFiles {
         } else {
             base.parent().unwrap_or(Path::new("")).join(path)
         };
-        let f = File::open(&full).map_err(|e| {
-            ImageError::open(format!("Could not open '{}': {}", full.display(), e))
-        })?;
+        let f = File::open(&full)
+            .map_err(|e| ImageError::open(format!("Could not open '{}': {}", full.display(), e)))?;
         self.files.push((full, f));
         Ok((self.files.len() - 1) as FileId)
     }
@@ -56,7 +57,15 @@ fn main() {
         }
     };
     let file = File::open(&name).expect("open");
-    let mut files = HostFiles { files: vec![(PathBuf::from(&name), file)] };
-    let response = instar_engine::handle(&mut files, &Request::Info { format, filename: name });
+    let mut files = HostFiles {
+        files: vec![(PathBuf::from(&name), file)],
+    };
+    let response = instar_engine::handle(
+        &mut files,
+        &Request::Info {
+            format,
+            filename: name,
+        },
+    );
     println!("{response:#?}");
 }

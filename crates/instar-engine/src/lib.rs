@@ -14,9 +14,11 @@ use instar_wire::{Request, Response};
 /// Carry out one request.
 pub fn handle(files: &mut dyn Files, request: &Request) -> Response {
     match request {
-        Request::Info { format, filename } => match info::info(files, format.as_deref(), filename) {
-            Ok(info) => Response::Info(info),
-            Err(e) => Response::Error(e),
-        },
+        Request::Info { format, filename } => {
+            match info::info(files, format.as_deref(), filename) {
+                Ok(info) => Response::Info(info),
+                Err(e) => Response::Error(e),
+            }
+        }
     }
 }

@@ -31,7 +31,10 @@ pub struct MemFiles {
 impl MemFiles {
     /// One image, nothing else openable.
     pub fn new(image: Vec<u8>) -> Self {
-        Self { files: alloc::vec![image], named: Vec::new() }
+        Self {
+            files: alloc::vec![image],
+            named: Vec::new(),
+        }
     }
     fn get(&self, file: FileId) -> Result<&Vec<u8>> {
         self.files
@@ -47,7 +50,9 @@ impl Files for MemFiles {
     fn read_at(&mut self, file: FileId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let data = self.get(file)?;
         buf.fill(0);
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
         let n = (data.len() - start).min(buf.len());
         buf[..n].copy_from_slice(&data[start..start + n]);
         Ok(())
@@ -59,7 +64,9 @@ impl Files for MemFiles {
             .find(|(name, _)| name == path)
             .map(|(_, data)| data.clone())
             .ok_or_else(|| {
-                ImageError::open(alloc::format!("Could not open '{path}': No such file or directory"))
+                ImageError::open(alloc::format!(
+                    "Could not open '{path}': No such file or directory"
+                ))
             })?;
         self.files.push(data);
         Ok((self.files.len() - 1) as FileId)

@@ -83,15 +83,27 @@ pub enum ErrorKind {
 impl ImageError {
     /// An open error with qemu-img's inner message.
     pub fn open(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Open, message: message.into(), warnings: Vec::new() }
+        Self {
+            kind: ErrorKind::Open,
+            message: message.into(),
+            warnings: Vec::new(),
+        }
     }
     /// An operation error.
     pub fn operation(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Operation, message: message.into(), warnings: Vec::new() }
+        Self {
+            kind: ErrorKind::Operation,
+            message: message.into(),
+            warnings: Vec::new(),
+        }
     }
     /// A limit error.
     pub fn limit(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Limit, message: message.into(), warnings: Vec::new() }
+        Self {
+            kind: ErrorKind::Limit,
+            message: message.into(),
+            warnings: Vec::new(),
+        }
     }
     /// The same error, preceded on stderr by `warnings`.
     pub fn with_warnings(mut self, warnings: Vec<String>) -> Self {
