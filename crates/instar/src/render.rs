@@ -156,7 +156,8 @@ fn snapshot_dict(s: &SnapshotInfo, icount: bool) -> QValue {
     let mut d = QDict::new();
     d.put_str("id", &s.id);
     d.put_str("name", &s.name);
-    d.put_uint("vm-state-size", s.vm_state_size);
+    // QAPI's `int`: qemu prints the 64-bit field signed.
+    d.put_int("vm-state-size", s.vm_state_size as i64);
     d.put_uint("date-sec", s.date_sec);
     d.put_uint("date-nsec", s.date_nsec);
     d.put_uint("vm-clock-sec", s.vm_clock_sec);
@@ -517,14 +518,21 @@ pub fn snapshot_row(s: &QDict, layout: SnapshotLayout) -> Vec<u8> {
     let id = &c_str(id)[..c_str(id).len().min(127)];
     let name = get_str(s, "name");
     let name = &c_str(name)[..c_str(name).len().min(255)];
-    let vm_state = get_u64(s, "vm-state-size").unwrap_or(0);
+    // Stored as QAPI `int`; qemu's size_to_str takes it back as uint64_t.
+    let vm_state = match s.get("vm-state-size") {
+        Some(QValue::Int(v)) => *v as u64,
+        Some(QValue::UInt(v)) => *v,
+        _ => 0,
+    };
     let date = local_date(get_u64(s, "date-sec").unwrap_or(0));
     let clock_ns = get_u64(s, "vm-clock-sec")
         .unwrap_or(0)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(get_u64(s, "vm-clock-nsec").unwrap_or(0));
-    // qemu holds the clock in an int64 and prints the parts as int.
-    let ns = clock_ns as i64;
+    // qemu rebuilds the clock into QEMUSnapshotInfo's uint64_t and prints
+    // the parts cast to int (pinned by the corpus image snap-fields-max:
+    // an all-ones clock prints 5124095:34:33.709).
+    let ns = clock_ns;
     let secs = ns / 1_000_000_000;
     let (h, m, sec, ms) = (
         (secs / 3600) as i32,
