@@ -8,7 +8,8 @@
 //! in it can refuse the open (its size is checked before the read, and a
 //! short file reads as zeros).
 
-use crate::raw::{self, le32, le64};
+use crate::block;
+use crate::bytes::{le32, le64};
 use crate::{Files, Result};
 use alloc::format;
 use instar_wire::{FileId, ImageError, ImageInfo};
@@ -160,11 +161,11 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         ));
     }
 
-    let virtual_size = raw::virtual_size(total_sectors, filename)?;
+    let virtual_size = block::virtual_size(total_sectors, filename)?;
     Ok(ImageInfo {
         format: "bochs".into(),
         virtual_size,
-        children: raw::single_child(file),
+        children: block::single_child(file),
         ..ImageInfo::default()
     })
 }
@@ -257,7 +258,7 @@ mod tests {
             (i.format.as_str(), i.virtual_size, i.cluster_size),
             ("bochs", 1032192, None)
         );
-        assert_eq!(i.children, raw::single_child(0));
+        assert_eq!(i.children, block::single_child(0));
         // v1 header with disk 2048 at offset 84: 2048 bytes.
         let mut h = sample();
         h.version = VERSION_1;
@@ -324,5 +325,20 @@ mod tests {
         // The largest disk the limits allow: 8 TiB.
         h.disk = 1 << 43;
         assert_eq!(run(image(&h, 2560)).unwrap().virtual_size, 8796093022208);
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on empty.bochs cut to 1..64 bytes: the version
+        // word is missing, so the header is not Bochs'.
+        for n in [1, 4, 8, 16, 32, 47, 48, 63, 64] {
+            assert_eq!(open_err(image(&sample(), n)), "Image not in Bochs format");
+        }
+        // Cut at 100 bytes and on, every field qemu reads is there; the
+        // catalog reads as zeros.
+        assert!(run(image(&sample(), 100)).is_ok());
+        let img = image(&sample(), 2560);
+        crate::hostile::truncations(info, &img, "b", 600);
+        crate::hostile::absurd_fields(info, &img, "b", 0..HEADER_SIZE, &crate::hostile::no_fix);
     }
 }

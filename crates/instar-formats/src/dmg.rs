@@ -11,7 +11,9 @@
 //! preceded by a line qemu prints to stderr itself (chunk limits, missing
 //! decompressor modules); [`info_with_diagnostics`] returns those lines.
 
-use crate::raw::{self, be32, be64, check_read, open_errno, EINVAL, EIO, SECTOR};
+use crate::block::{self, check_read, open_errno, EINVAL, EIO, SECTOR};
+use crate::bytes::{be32, be64, find, until_nul, Window};
+use crate::limits::DMG_ENTRIES_PER_READ;
 use crate::{Files, Result};
 use alloc::format;
 use alloc::string::String;
@@ -29,12 +31,6 @@ pub const MAX_CHUNK_SECTORS: u64 = MAX_CHUNK_LENGTH / 512;
 /// Largest XML property list qemu reads (16 MiB, its own cap). instar holds
 /// the list in memory, as qemu does.
 pub const MAX_PLIST: u64 = 16 * 1024 * 1024;
-
-/// Chunk entries read per request when walking a mish block in the file.
-pub const ENTRIES_PER_READ: usize = 1024;
-
-/// Bytes read ahead when walking the resource fork's resource lengths.
-pub const WINDOW: usize = 64 * 1024;
 
 /// Whether the qemu-img being mimicked can decompress bzip2 and lzfse
 /// chunks. Debian's qemu-utils 10.0.2 ships neither block module, so qemu
@@ -122,12 +118,19 @@ pub fn probe(_buf: &[u8], filename: &str) -> u32 {
     }
 }
 
-/// Open the image as qemu does and describe it.
+/// Open the image as qemu does and describe it. The lines qemu prints on
+/// stderr on the way ride along: in [`ImageInfo::warnings`], or in the
+/// error's `warnings` when qemu then refuses the image.
 pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<ImageInfo> {
     let mut diagnostics = Vec::new();
-    let mut info = info_with_diagnostics(files, file, filename, &mut diagnostics)?;
-    info.warnings = diagnostics;
-    Ok(info)
+    match info_with_diagnostics(files, file, filename, &mut diagnostics) {
+        Ok(mut info) => {
+            info.warnings = diagnostics;
+            Ok(info)
+        }
+        // qemu printed these lines before giving up on the image.
+        Err(e) => Err(e.with_warnings(diagnostics)),
+    }
 }
 
 /// [`info`], also giving the lines qemu-img prints to stderr on the way
@@ -179,11 +182,11 @@ pub fn info_with_diagnostics(
         Err(Fail::Other(e)) => return Err(e),
     }
 
-    let virtual_size = raw::virtual_size(total_sectors, filename)?;
+    let virtual_size = block::virtual_size(total_sectors, filename)?;
     Ok(ImageInfo {
         format: "dmg".into(),
         virtual_size,
-        children: raw::single_child(file),
+        children: block::single_child(file),
         ..ImageInfo::default()
     })
 }
@@ -288,12 +291,11 @@ impl Tables<'_> {
         let end = offset + u64::from(count);
         // A fork of tiny resources means one length read per few bytes:
         // read the lengths through a window instead of one request each.
-        let mut window = Window {
-            start: 0,
-            bytes: Vec::new(),
-        };
+        let mut window = Window::new();
         while offset < end {
-            let count = window.u32_at(files, file, offset)?;
+            let mut count = [0u8; 4];
+            window.read(files, file, offset, &mut count)?;
+            let count = be32(&count, 0);
             if count == 0 || u64::from(count) > end - offset {
                 return Err(Fail::Errno(EINVAL));
             }
@@ -319,10 +321,7 @@ impl Tables<'_> {
         }
         let mut xml = vec![0u8; length as usize];
         files.read_at(file, begin, &mut xml)?;
-        let text = match xml.iter().position(|&b| b == 0) {
-            Some(nul) => &xml[..nul],
-            None => &xml[..],
-        };
+        let text = until_nul(&xml);
         let mut from = 0;
         while let Some(open) = find(&text[from..], b"<data>") {
             let start = from + open + 6;
@@ -349,10 +348,10 @@ impl Tables<'_> {
             return Ok(());
         }
         let chunk_count = (count - MISH_HEADER) / CHUNK_ENTRY;
-        let mut buf = vec![0u8; ENTRIES_PER_READ * CHUNK_ENTRY as usize];
+        let mut buf = vec![0u8; DMG_ENTRIES_PER_READ * CHUNK_ENTRY as usize];
         let mut j = 0u32;
         while j < chunk_count {
-            let n = (chunk_count - j).min(ENTRIES_PER_READ as u32) as usize;
+            let n = (chunk_count - j).min(DMG_ENTRIES_PER_READ as u32) as usize;
             let at = u64::from(MISH_HEADER) + u64::from(j) * u64::from(CHUNK_ENTRY);
             src.read(files, file, at, &mut buf[..n * CHUNK_ENTRY as usize])?;
             for e in buf[..n * CHUNK_ENTRY as usize].chunks_exact(CHUNK_ENTRY as usize) {
@@ -418,39 +417,10 @@ impl Tables<'_> {
     }
 }
 
-/// A read-ahead buffer of [`WINDOW`] bytes of the file.
-struct Window {
-    start: u64,
-    bytes: Vec<u8>,
-}
-
-impl Window {
-    fn u32_at(
-        &mut self,
-        files: &mut dyn Files,
-        file: FileId,
-        at: u64,
-    ) -> core::result::Result<u32, Fail> {
-        let inside = at >= self.start && at + 4 <= self.start + self.bytes.len() as u64;
-        if !inside {
-            self.bytes.resize(WINDOW, 0);
-            files.read_at(file, at, &mut self.bytes)?;
-            self.start = at;
-        }
-        let i = (at - self.start) as usize;
-        Ok(be32(&self.bytes, i))
-    }
-}
-
 fn read_u32(files: &mut dyn Files, file: FileId, at: u64) -> core::result::Result<u32, Fail> {
     let mut b = [0u8; 4];
     files.read_at(file, at, &mut b)?;
     Ok(u32::from_be_bytes(b))
-}
-
-/// First position of `needle` in `hay`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// glib's g_base64_decode: characters outside the alphabet are skipped,
@@ -650,7 +620,7 @@ mod tests {
                 (i.format.as_str(), i.virtual_size, i.cluster_size),
                 ("dmg", 4096, None)
             );
-            assert_eq!(i.children, raw::single_child(0));
+            assert_eq!(i.children, block::single_child(0));
             assert!(d.is_empty());
         }
         // Padding the file to an odd length keeps the trailer in the window.
@@ -791,6 +761,55 @@ mod tests {
     }
 
     #[test]
+    fn lines_precede_errors() {
+        // qemu-img 10.0.2 on the same bytes (w-*.dmg in the report's
+        // verification set): warnings and the limit line, then the error.
+        let img = xml_image(
+            &plist(&[mish(&[(UDBZ, 0, 1, 0, 1), (UDRW, 0, 131073, 0, 512)])]),
+            8,
+        );
+        let e = info(&mut MemFiles::new(img), 0, "b.dmg").unwrap_err();
+        assert_eq!(e.message, "Could not open 'b.dmg': Invalid argument");
+        assert_eq!(e.warnings, [
+            "warning: dmg-bzip2 module is missing, accessing bzip2 compressed blocks will result in I/O errors",
+            "sector count 131073 for chunk 0 is larger than max (131072)",
+        ]);
+        let img = xml_image(
+            &plist(&[mish(&[
+                (ULFO, 0, 1, 0, 1),
+                (0x8000_0004, 0, 1, 0, 1),
+                (UDRW, 0, 1, 0, (64 << 20) + 1),
+            ])]),
+            8,
+        );
+        let e = info(&mut MemFiles::new(img), 0, "l.dmg").unwrap_err();
+        assert_eq!(e.warnings, [
+            "warning: dmg-lzfse module is missing, accessing lzfse compressed blocks will result in I/O errors",
+            "warning: Image contains chunks of unknown type 80000004, accessing them will result in I/O errors",
+            "length 67108865 for chunk 0 is larger than max (67108864)",
+        ]);
+        let img = xml_image(
+            &plist(&[mish(&[(UDRW, 0, 1, 0, 512), (UDZO, 1, 131073, 0, 512)])]),
+            8,
+        );
+        let e = info(&mut MemFiles::new(img), 0, "n.dmg").unwrap_err();
+        assert_eq!(
+            e.warnings,
+            ["sector count 131073 for chunk 1 is larger than max (131072)"]
+        );
+        // On success the lines ride on the info.
+        let img = xml_image(
+            &plist(&[mish(&[(UDBZ, 0, 1, 0, 1), (UDRW, 0, 1, 0, 512)])]),
+            8,
+        );
+        let i = info(&mut MemFiles::new(img), 0, "ok.dmg").unwrap();
+        assert_eq!(i.virtual_size, 4096);
+        assert_eq!(i.warnings, [
+            "warning: dmg-bzip2 module is missing, accessing bzip2 compressed blocks will result in I/O errors",
+        ]);
+    }
+
+    #[test]
     fn plist_text_rules() {
         let bad = base64(&mish(&[(UDRW, 0, 131073, 0, 512)]));
         let wrap = |body: &[u8]| xml_image(&[b"<data>".as_slice(), body, b"</data>"].concat(), 8);
@@ -860,25 +879,44 @@ mod tests {
     fn many_tiny_resources() {
         // Resources under 244 bytes are skipped; qemu-img accepts a fork of
         // 200000 one-byte resources (and takes 8 s over it).
-        let mut res = Vec::new();
-        for _ in 0..20000 {
-            res.extend_from_slice(&1u32.to_be_bytes());
-            res.push(b'x');
-        }
-        let mut fork = Vec::new();
-        for w in [16u32, 0, res.len() as u32, 0] {
-            fork.extend_from_slice(&w.to_be_bytes());
-        }
-        fork.extend_from_slice(&res);
-        let mut v = vec![0u8; 512];
-        v.extend_from_slice(&fork);
-        let k = Koly {
-            rsrc_fork_offset: 512,
-            rsrc_fork_length: fork.len() as u64,
-            sectors: 8,
-            ..koly0()
-        };
-        v.extend_from_slice(&k.to_bytes());
+        let v = rsrc_image(&vec![b"x".to_vec(); 20000], 8);
         assert_eq!(run(v, "tiny.dmg").0.unwrap().virtual_size, 4096);
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on simple-dmg.dmg cut short: an empty file is
+        // refused by size, any other cut loses the trailer.
+        let img = rsrc_image(&[mish(&OK)], 8);
+        assert_eq!(
+            run(Vec::new(), "t.dmg").0.unwrap_err().message,
+            "dmg file must be at least 512 bytes long"
+        );
+        for n in [1, 100, 511, 512] {
+            assert_eq!(
+                run(img[..n].to_vec(), "t.dmg").0.unwrap_err().message,
+                "Could not locate UDIF trailer in dmg file"
+            );
+        }
+        crate::hostile::truncations(info, &img, "t.dmg", 64);
+        // The trailer's fields, then the resource fork and its mish block.
+        let koly = img.len() - KOLY_SIZE;
+        crate::hostile::absurd_fields(
+            info,
+            &img,
+            "t.dmg",
+            koly..img.len(),
+            &crate::hostile::no_fix,
+        );
+        crate::hostile::absurd_fields(info, &img, "t.dmg", 512..koly, &crate::hostile::no_fix);
+        let xml = xml_image(&plist(&[mish(&OK)]), 8);
+        let koly = xml.len() - KOLY_SIZE;
+        crate::hostile::absurd_fields(
+            info,
+            &xml,
+            "t.dmg",
+            koly..xml.len(),
+            &crate::hostile::no_fix,
+        );
     }
 }

@@ -11,7 +11,11 @@
 
 extern crate alloc;
 
+pub(crate) mod block;
+pub mod bytes;
 pub mod files;
+#[cfg(test)]
+mod hostile;
 pub mod limits;
 pub mod probe;
 

@@ -43,9 +43,6 @@ pub const QCOW2_MAX_BITMAP_NAME: u16 = 1023;
 pub const QCOW2_MIN_BITMAP_GRANULARITY_BITS: u8 = 9;
 /// See [`QCOW2_MIN_BITMAP_GRANULARITY_BITS`].
 pub const QCOW2_MAX_BITMAP_GRANULARITY_BITS: u8 = 31;
-/// Bitmap tables are checked in chunks of this many bytes so that a table
-/// as large as qemu allows (1 GiB) never needs one allocation.
-pub const BITMAP_TABLE_CHUNK: usize = 64 * 1024;
 /// Backing file names are at most 1023 bytes in qcow and qcow2 (qemu's
 /// 1024-byte `backing_file` buffer).
 pub const MAX_BACKING_NAME: u64 = 1023;
@@ -67,10 +64,44 @@ pub const QED_MAX_CLUSTER_SIZE: u32 = 64 * 1024 * 1024;
 /// QED tables are 1 .. 16 clusters (QED_MIN/MAX_TABLE_SIZE).
 pub const QED_MAX_TABLE_SIZE: u32 = 16;
 
-/// Window of the buffered reader used to walk tables of small records
-/// (snapshot table, bitmap directory, header extensions): one host read per
-/// window.
+/// Window of the buffered reader ([`crate::bytes::Window`]) used to walk
+/// tables of small records (qcow2 snapshot table, bitmap directory, header
+/// extensions; dmg resource lengths): one host read per window.
 pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Bytes per host read when a table whose size the image chooses is
+/// streamed (qcow2 bitmap tables, vpc and vhdx BATs, the cloop offsets
+/// table, parallels extension clusters and bitmap L1 tables): memory stays
+/// at one chunk however large the table, up to the gigabytes qemu allows.
+pub const TABLE_CHUNK: usize = 64 * 1024;
+
+/// dmg chunk entries (40 bytes each) read per request when walking a mish
+/// block: a block can declare ~100 million entries, read in 40 KiB steps.
+pub const DMG_ENTRIES_PER_READ: usize = 1024;
+
+/// Dirty bitmaps remembered per parallels image (for qemu's duplicate-name
+/// check). A 2 GiB extension cluster could declare millions; real images
+/// have a few.
+pub const PARALLELS_MAX_BITMAPS: usize = 4096;
+
+/// Extents one VMDK image may name. qemu has no limit, but each extent is a
+/// file the host must open: a 1 MiB descriptor could name ~30000. 4096
+/// covers a twoGbMaxExtent disk of 8 TiB, far beyond VMDK's 2 TiB sparse
+/// maximum.
+pub const VMDK_MAX_EXTENTS: usize = 4096;
+
+/// How deep VMDK sparse extents with an embedded descriptor may nest. qemu
+/// recurses without a bound (an extent naming itself never ends); real
+/// images nest at most once (a monolithicSparse header pointing at its own
+/// descriptor).
+pub const VMDK_MAX_DESC_NESTING: u32 = 8;
+
+/// How many times over its length the VHDX log may be read while looking
+/// for an active sequence. qemu's search normally reads it about twice; a
+/// crafted log can make it read the log once per sector (quadratic) or loop
+/// forever (an entry as long as the log brings the scan back to where it
+/// started), so the scan gets a budget instead.
+pub const VHDX_LOG_SCAN_PASSES: u64 = 4;
 
 /// LUKS1 header size on disk (the 592-byte phdr).
 pub const LUKS_HEADER_SIZE: usize = 592;

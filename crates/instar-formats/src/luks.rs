@@ -5,15 +5,16 @@
 //! validates the header but unlocks no key slot. So this module only
 //! validates the 592-byte header the way qemu does and reports it.
 
+use crate::block::single_child;
+use crate::bytes::{be16, be32, c_string, Cursor};
 use crate::limits::LUKS_HEADER_SIZE;
-use crate::qcow2::bytes::{be16, be32, c_string, Cursor};
 use crate::{Files, Result};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec;
 #[cfg(test)]
 use alloc::vec::Vec;
-use instar_wire::{ChildFile, FileId, FormatSpecific, ImageError, ImageInfo, LuksInfo, LuksSlot};
+use instar_wire::{FileId, FormatSpecific, ImageError, ImageInfo, LuksInfo, LuksSlot};
 
 /// The LUKS magic, `LUKS\xba\xbe`.
 pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
@@ -449,11 +450,7 @@ pub fn info(files: &mut dyn Files, file: FileId, _filename: &str) -> Result<Imag
         cluster_size: None,
         encrypted: true,
         format_specific: Some(FormatSpecific::Luks(hdr.info(&algs))),
-        children: vec![ChildFile {
-            name: "file".into(),
-            file,
-            counts_in_disk_size: true,
-        }],
+        children: single_child(file),
         ..Default::default()
     })
 }
@@ -608,6 +605,34 @@ mod tests {
         assert_eq!(
             err(test_header()),
             "Could not refresh total sector count: Input/output error"
+        );
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on a qemu-img-created LUKS image cut short: the
+        // first field missing decides the message.
+        let h = test_header();
+        assert_eq!(err(h[..4].to_vec()), "Volume is not in LUKS format");
+        for n in [8, 32, 64] {
+            assert_eq!(
+                err(h[..n].to_vec()),
+                "LUKS payload is overlapping with the header"
+            );
+        }
+        assert_eq!(err(h[..128].to_vec()), "LUKS key iteration count is zero");
+        assert_eq!(
+            err(h[..200].to_vec()),
+            "Keyslot 0 is corrupted (stripes 0 != 4000)"
+        );
+        let img = with_len(test_header(), 4040 * 512 + 4096);
+        crate::hostile::truncations(info, &img, "x", LUKS_HEADER_SIZE + 8);
+        crate::hostile::absurd_fields(
+            info,
+            &img,
+            "x",
+            0..LUKS_HEADER_SIZE,
+            &crate::hostile::no_fix,
         );
     }
 }

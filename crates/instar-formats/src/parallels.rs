@@ -12,7 +12,9 @@
 //! (checksum, feature list, bitmap geometry), because its errors refuse the
 //! open.
 
-use crate::raw::{self, check_read, le32, le64, open_errno, EIO};
+use crate::block::{self, check_read, open_errno, EIO};
+use crate::bytes::{le32, le64};
+use crate::limits::{PARALLELS_MAX_BITMAPS, TABLE_CHUNK};
 use crate::{Files, Result};
 use alloc::format;
 use alloc::string::String;
@@ -32,15 +34,6 @@ pub const MAX_BAT_ENTRIES: u32 = i32::MAX as u32 / 4;
 /// over BDRV_REQUEST_MAX_BYTES then fails with EIO. Only the size matters:
 /// instar does not read the BAT for `info`.
 pub const HEADER_READ_ALIGN: u64 = 4096;
-
-/// Bytes read per request while hashing the extension cluster and walking a
-/// bitmap's L1 table: clusters may be up to ~2 GiB, which instar streams
-/// instead of holding.
-pub const STREAM_CHUNK: usize = 64 * 1024;
-
-/// Dirty bitmaps remembered per image (for qemu's duplicate-name check). A
-/// 2 GiB extension cluster could declare millions; real images have a few.
-pub const MAX_BITMAPS: usize = 4096;
 
 const MAGIC_V1: &[u8; 16] = b"WithoutFreeSpace";
 const MAGIC_V2: &[u8; 16] = b"WithouFreSpacExt";
@@ -187,11 +180,11 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         read_format_extension(files, file, h.ext_off << 9, cluster_size, total_sectors)?;
     }
 
-    let virtual_size = raw::virtual_size(total_sectors, filename)?;
+    let virtual_size = block::virtual_size(total_sectors, filename)?;
     Ok(ImageInfo {
         format: "parallels".into(),
         virtual_size,
-        children: raw::single_child(file),
+        children: block::single_child(file),
         ..ImageInfo::default()
     })
 }
@@ -208,7 +201,7 @@ fn read_format_extension(
 ) -> Result<()> {
     // ext < 2^63 (ext_off was checked), so the cast keeps the value.
     if check_read(ext as i64, cluster_size).is_err() {
-        return Err(err(raw::with_errno(
+        return Err(err(block::with_errno(
             "Failed to read Format Extension cluster",
             EIO,
         )));
@@ -223,10 +216,10 @@ fn read_format_extension(
     }
 
     let mut md5 = md5::Md5::new();
-    let mut chunk = vec![0u8; STREAM_CHUNK];
+    let mut chunk = vec![0u8; TABLE_CHUNK];
     let mut at = EXT_HEADER_SIZE;
     while at < cluster_size {
-        let n = (cluster_size - at).min(STREAM_CHUNK as u64) as usize;
+        let n = (cluster_size - at).min(TABLE_CHUNK as u64) as usize;
         files.read_at(file, ext + at, &mut chunk[..n])?;
         md5.update(&chunk[..n]);
         at += n as u64;
@@ -277,9 +270,9 @@ fn read_format_extension(
                     total_sectors,
                 };
                 let name = bitmap.load(files, file, &names)?;
-                if names.len() >= MAX_BITMAPS {
+                if names.len() >= PARALLELS_MAX_BITMAPS {
                     return Err(ImageError::limit(format!(
-                        "parallels: more than {MAX_BITMAPS} dirty bitmaps in the format extension (instar limit MAX_BITMAPS)"
+                        "parallels: more than {PARALLELS_MAX_BITMAPS} dirty bitmaps in the format extension (instar limit PARALLELS_MAX_BITMAPS)"
                     )));
                 }
                 names.push(name);
@@ -338,8 +331,8 @@ impl Bitmap {
         if existing.contains(&id) {
             return Err(err(format!("Bitmap already exists: {}", uuid_string(&id))));
         }
-        let bytes = raw::length(self.total_sectors)
-            .map_err(|e| err(raw::with_errno("could not get length of device", e)))?;
+        let bytes = block::length(self.total_sectors)
+            .map_err(|e| err(block::with_errno("could not get length of device", e)))?;
 
         // The serialized bitmap is whole 64-bit words of one bit per
         // granule; the L1 table has one entry per cluster of it.
@@ -357,17 +350,17 @@ impl Bitmap {
 
         // Entries 0 and 1 mean all-zero and all-one; others are sectors of
         // data clusters, whose reads qemu bounds-checks.
-        let mut chunk = vec![0u8; STREAM_CHUNK];
+        let mut chunk = vec![0u8; TABLE_CHUNK];
         let mut done = 0u64;
         let total = u64::from(l1_size) * 8;
         while done < total {
-            let n = (total - done).min(STREAM_CHUNK as u64) as usize;
+            let n = (total - done).min(TABLE_CHUNK as u64) as usize;
             files.read_at(file, self.at + BITMAP_FEATURE_SIZE + done, &mut chunk[..n])?;
             for e in chunk[..n].chunks_exact(8) {
-                let entry = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                let entry = le64(e, 0);
                 if entry > 1 && check_read(entry.wrapping_shl(9) as i64, self.cluster_size).is_err()
                 {
-                    return Err(err(raw::with_errno(
+                    return Err(err(block::with_errno(
                         "Failed to read bitmap data cluster",
                         EIO,
                     )));
@@ -393,6 +386,8 @@ fn uuid_string(id: &[u8; 16]) -> String {
 
 /// MD5 (RFC 1321), only to verify the format extension checksum.
 pub(crate) mod md5 {
+    use crate::bytes::le32;
+
     const S: [u32; 64] = [
         7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
         9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
@@ -477,12 +472,7 @@ pub(crate) mod md5 {
         fn block(&mut self, block: &[u8; 64]) {
             let mut m = [0u32; 16];
             for (i, w) in m.iter_mut().enumerate() {
-                *w = u32::from_le_bytes([
-                    block[i * 4],
-                    block[i * 4 + 1],
-                    block[i * 4 + 2],
-                    block[i * 4 + 3],
-                ]);
+                *w = le32(block, i * 4);
             }
             let [mut a, mut b, mut c, mut d] = self.state;
             for i in 0..64 {
@@ -605,7 +595,7 @@ mod tests {
         assert_eq!(i.format, "parallels");
         assert_eq!(i.virtual_size, 2097152);
         assert_eq!(i.cluster_size, None);
-        assert_eq!(i.children, raw::single_child(0));
+        assert_eq!(i.children, block::single_child(0));
         let mut h = v2_header();
         h.magic = *MAGIC_V1;
         // v1 ignores the high half of nb_sectors (qemu-img: still 2 MiB).
@@ -926,5 +916,12 @@ mod tests {
             0x23, 0x5f,
         ];
         assert_eq!(uuid_string(&id), "e4f2eed0-37fe-4539-b50b-85d2e7fd235f");
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        let img = image(&v2_header(), 4096);
+        crate::hostile::truncations(info, &img, "p", 128);
+        crate::hostile::absurd_fields(info, &img, "p", 0..HEADER_SIZE, &crate::hostile::no_fix);
     }
 }

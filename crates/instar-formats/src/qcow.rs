@@ -1,12 +1,12 @@
 //! qcow (version 1): header parsing, qemu's open checks, `info`.
 
+use crate::block::{check_read, open_errno, single_child, EIO};
+use crate::bytes::{be32, be64, read_backing_name};
 use crate::limits::MAX_BACKING_NAME;
-use crate::qcow2::bytes::{be32, be64, c_string, read_vec};
 use crate::{Files, Result};
 use alloc::format;
 use alloc::string::String;
-use alloc::vec;
-use instar_wire::{ChildFile, FileId, ImageError, ImageInfo};
+use instar_wire::{FileId, ImageError, ImageInfo};
 
 /// `QFI\xfb`, shared with qcow2.
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -89,8 +89,9 @@ pub struct QcowImage {
 }
 
 impl QcowImage {
-    /// Parse and validate with qemu's checks and messages.
-    pub fn open(files: &mut dyn Files, file: FileId) -> Result<Self> {
+    /// Parse and validate with qemu's checks and messages; `filename` names
+    /// the image in errno messages.
+    pub fn open(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Self> {
         let mut raw = [0u8; HEADER_SIZE];
         files.read_at(file, 0, &mut raw)?;
         let h = QcowHeader::decode(&raw);
@@ -126,22 +127,22 @@ impl QcowImage {
             return Err(ImageError::open("Image too large"));
         }
         // qemu reads the L1 table here; past EOF it reads zeros, so only
-        // I/O errors could fail it. `info` does not need it.
+        // the block layer's request bounds can fail it. `info` does not
+        // need the table itself.
+        if check_read(h.l1_table_offset as i64, h.l1_size() * 8).is_err() {
+            return Err(open_errno(filename, EIO));
+        }
         let backing_file = if h.backing_file_offset != 0 {
             let len = h.backing_file_size as u64;
             if len > MAX_BACKING_NAME {
                 return Err(ImageError::open("Backing file name too long"));
             }
-            let name = read_vec(
-                files,
-                file,
-                h.backing_file_offset,
-                len,
-                MAX_BACKING_NAME,
-                "backing file name",
-            )?;
-            // qemu treats an empty name as no backing file.
-            Some(c_string(&name)).filter(|n| !n.is_empty())
+            // Checked even for an empty name: qemu's read of 0 bytes still
+            // passes the request bounds check.
+            if check_read(h.backing_file_offset as i64, len).is_err() {
+                return Err(open_errno(filename, EIO));
+            }
+            read_backing_name(files, file, h.backing_file_offset, len)?
         } else {
             None
         };
@@ -162,8 +163,8 @@ pub fn probe(buf: &[u8], _filename: &str) -> u32 {
 }
 
 /// `info` of a qcow image.
-pub fn info(files: &mut dyn Files, file: FileId, _filename: &str) -> Result<ImageInfo> {
-    let img = QcowImage::open(files, file)?;
+pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<ImageInfo> {
+    let img = QcowImage::open(files, file, filename)?;
     let h = &img.header;
     Ok(ImageInfo {
         // qemu's driver answers bdrv_get_info, so dirty-flag is present.
@@ -173,11 +174,7 @@ pub fn info(files: &mut dyn Files, file: FileId, _filename: &str) -> Result<Imag
         cluster_size: Some(1u64 << h.cluster_bits),
         encrypted: h.crypt_method != 0,
         backing_filename: img.backing_file,
-        children: vec![ChildFile {
-            name: "file".into(),
-            file,
-            counts_in_disk_size: true,
-        }],
+        children: single_child(file),
         ..Default::default()
     })
 }
@@ -300,5 +297,73 @@ mod tests {
             }),
             "Backing file name too long"
         );
+    }
+
+    #[test]
+    fn truncated_headers() {
+        // qemu-img 10.0.2 on a qemu-img-created qcow image cut short.
+        let cut = |n: usize| {
+            info(&mut MemFiles::new(hdr().encode()[..n].to_vec()), 0, "x")
+                .map_err(|e| e.message)
+                .map(|i| i.virtual_size)
+        };
+        assert_eq!(cut(1), Err("Image not in qcow format".into()));
+        assert_eq!(
+            cut(4),
+            Err("qcow (v1) does not support qcow version 0".into())
+        );
+        for n in [8, 16] {
+            assert_eq!(
+                cut(n),
+                Err("Image size is too small (must be at least 2 bytes)".into())
+            );
+        }
+        assert_eq!(
+            cut(32),
+            Err("Cluster size must be between 512 and 64k".into())
+        );
+        // Only the L1 offset is missing: it reads as zero.
+        assert_eq!(cut(47), Ok(64 << 20));
+    }
+
+    #[test]
+    fn table_reads_pass_request_bounds() {
+        // qemu-img 10.0.2: the L1 table and the backing name are read at
+        // open, and a read reaching past BDRV_MAX_LENGTH (or at a negative
+        // offset) fails with EIO, even for an empty name.
+        let eio = Err(String::from("Could not open 'x': Input/output error"));
+        let max = 0x7fff_ffff_c000_0000u64;
+        let e = |h: QcowHeader| run(&h, &[]).map(|_| ()).map_err(|e| e.message);
+        for l1_table_offset in [max - 64, 1 << 63, 0xffff_ffff_0000_0000] {
+            assert_eq!(
+                e(QcowHeader {
+                    l1_table_offset,
+                    ..hdr()
+                }),
+                eio
+            );
+        }
+        let backing = |offset: u64, len: u32| QcowHeader {
+            backing_file_offset: offset,
+            backing_file_size: len,
+            ..hdr()
+        };
+        assert_eq!(e(backing(max, 0)), Ok(()));
+        assert_eq!(e(backing(max - 5, 5)), Ok(()));
+        assert_eq!(e(backing(max - 5, 6)), eio);
+        assert_eq!(e(backing(1 << 63, 4)), eio);
+        assert_eq!(e(backing(0xffff_ffff_0000_0000, 0)), eio);
+        // The L1 read comes first.
+        let mut h = backing(48, 5000);
+        h.l1_table_offset = 1 << 63;
+        assert_eq!(e(h), eio);
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        let mut img = hdr().encode().to_vec();
+        img.resize(560, 0);
+        crate::hostile::truncations(info, &img, "x", HEADER_SIZE + 8);
+        crate::hostile::absurd_fields(info, &img, "x", 0..HEADER_SIZE, &crate::hostile::no_fix);
     }
 }

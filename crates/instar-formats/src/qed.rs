@@ -1,12 +1,12 @@
 //! QED: header parsing, qemu's open checks, `info`.
 
+use crate::block::single_child;
+use crate::bytes::{c_string, le32, le64, read_vec};
 use crate::limits::*;
-use crate::qcow2::bytes::{c_string, le32, le64, read_vec};
 use crate::{Files, Result};
 use alloc::format;
 use alloc::string::String;
-use alloc::vec;
-use instar_wire::{ChildFile, FileId, ImageError, ImageInfo};
+use instar_wire::{FileId, ImageError, ImageInfo};
 
 /// `QED\0`, little-endian.
 pub const MAGIC: u32 = 0x0044_4551;
@@ -197,11 +197,7 @@ pub fn info(files: &mut dyn Files, file: FileId, _filename: &str) -> Result<Imag
         dirty_flag: Some(false),
         backing_filename: img.backing_file,
         backing_filename_format: raw_backing.then(|| "raw".into()),
-        children: vec![ChildFile {
-            name: "file".into(),
-            file,
-            counts_in_disk_size: true,
-        }],
+        children: single_child(file),
         ..Default::default()
     })
 }
@@ -392,5 +388,26 @@ mod tests {
             ),
             "QED backing filename offset is invalid"
         );
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on a qemu-img-created QED image cut short: the
+        // first field missing (read as zero) decides the message.
+        let cut = |n: usize| {
+            info(&mut MemFiles::new(hdr().encode()[..n].to_vec()), 0, "x")
+                .unwrap_err()
+                .message
+        };
+        assert_eq!(cut(1), "Image not in QED format");
+        assert_eq!(cut(4), "QED cluster size is invalid");
+        assert_eq!(cut(8), "QED table size is invalid");
+        for n in [16, 32, 48, 63] {
+            assert_eq!(cut(n), "QED table offset is invalid");
+        }
+        let mut img = hdr().encode().to_vec();
+        img.resize(5 * 65536, 0);
+        crate::hostile::truncations(info, &img, "x", HEADER_SIZE + 8);
+        crate::hostile::absurd_fields(info, &img, "x", 0..HEADER_SIZE, &crate::hostile::no_fix);
     }
 }

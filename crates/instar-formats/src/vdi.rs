@@ -3,10 +3,11 @@
 //! needs nothing past the header (qemu reads the block map too, but a read
 //! of it cannot fail on a regular file: its offset is 32-bit).
 
+use crate::block::single_child;
+use crate::bytes::{le32, le64};
 use crate::{Files, Result};
 use alloc::format;
-use alloc::vec;
-use instar_wire::{ChildFile, FileId, ImageError, ImageInfo};
+use instar_wire::{FileId, ImageError, ImageInfo};
 
 const VDI_SIGNATURE: u32 = 0xbeda_107f;
 const VDI_VERSION_1_1: u32 = 0x0001_0001;
@@ -81,25 +82,11 @@ pub fn info(files: &mut dyn Files, file: FileId, _filename: &str) -> Result<Imag
             virtual_size: disk_size,
             cluster_size: Some(u64::from(block_size)),
             dirty_flag: Some(false),
-            children: vec![ChildFile {
-                name: "file".into(),
-                file,
-                counts_in_disk_size: true,
-            }],
+            children: single_child(file),
             ..Default::default()
         });
     };
     Err(ImageError::open(err))
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 #[cfg(test)]
@@ -109,6 +96,7 @@ mod tests {
     use super::*;
     use crate::MemFiles;
     use alloc::string::String;
+    use alloc::vec;
     use alloc::vec::Vec;
 
     /// A 1 GiB dynamic image header as qemu-img creates it.
@@ -212,5 +200,25 @@ mod tests {
             err(short),
             "unsupported VDI image (sector size 0 is not 512)"
         );
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on a qemu-img-created VDI image cut short.
+        for n in [0, 1, 16, 64] {
+            assert_eq!(
+                err(header()[..n].to_vec()),
+                "Image not in VDI format (bad signature 00000000)"
+            );
+        }
+        for n in [100, 200] {
+            assert_eq!(
+                err(header()[..n].to_vec()),
+                "unsupported VDI image (sector size 0 is not 512)"
+            );
+        }
+        let img = header();
+        crate::hostile::truncations(info, &img, "v.vdi", HEADER_SIZE);
+        crate::hostile::absurd_fields(info, &img, "v.vdi", 0..HEADER_SIZE, &crate::hostile::no_fix);
     }
 }

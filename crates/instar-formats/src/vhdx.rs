@@ -4,11 +4,16 @@
 //!
 //! Differencing images (a parent locator) are refused, as qemu does.
 
+use crate::block::single_child;
+use crate::block::{open_errno, request_fails, EINVAL, EIO, ENOTSUP};
+use crate::bytes::{le16, le32, le64};
+use crate::limits::{TABLE_CHUNK, VHDX_LOG_SCAN_PASSES};
 use crate::{Files, Result};
 use alloc::format;
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use instar_wire::{ChildFile, FileId, ImageError, ImageInfo};
+use instar_wire::{FileId, ImageError, ImageInfo};
 
 const HEADER1_OFFSET: u64 = 64 * 1024;
 const HEADER2_OFFSET: u64 = 128 * 1024;
@@ -27,20 +32,8 @@ const PAYLOAD_BLOCK_FULLY_PRESENT: u64 = 6;
 const REGION_ENTRY_REQUIRED: u32 = 1;
 const META_FLAGS_IS_REQUIRED: u32 = 4;
 const PARAMS_HAS_PARENT: u32 = 2;
-/// How many times over its length the log may be read while looking for
-/// an active sequence. qemu's search normally reads it about twice; a
-/// crafted log can make it read the log once per sector (quadratic) or loop
-/// forever (an entry as long as the log brings the scan back to where it
-/// started), so the scan gets a budget instead.
-pub const VHDX_LOG_SCAN_PASSES: u64 = 4;
-
 /// Region table entries the spec allows (qemu enforces it too).
 const REGION_ENTRIES_MAX: u32 = 2047;
-/// BAT bytes read per request while checking entries.
-const BAT_CHUNK: usize = 64 * 1024;
-/// `BDRV_MAX_LENGTH`: reads reaching past it fail with EIO in qemu.
-const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1u64 << 30) - 1);
-
 const BAT_GUID: [u8; 16] = ms_guid(
     0x2dc2_7766,
     0xf623,
@@ -113,9 +106,8 @@ pub fn probe(buf: &[u8], _filename: &str) -> u32 {
 
 /// Describe the VHDX image in `file`.
 pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<ImageInfo> {
-    let errno = |why: &str| ImageError::open(format!("Could not open '{filename}': {why}"));
-    let einval = || errno("Invalid argument");
-    let eio = || errno("Input/output error");
+    let einval = || open_errno(filename, EINVAL);
+    let eio = || open_errno(filename, EIO);
 
     let mut sig = [0u8; 8];
     files.read_at(file, 0, &mut sig)?;
@@ -148,8 +140,8 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         let offset = le64(e, 16);
         let length = le32(e, 24);
         let bits = le32(e, 28);
-        if overlaps(&regions, offset, u64::from(length)) {
-            return Err(einval());
+        if let Some(line) = overlap(&regions, offset, u64::from(length)) {
+            return Err(einval().with_warnings(vec![line]));
         }
         regions.push((offset, offset.wrapping_add(u64::from(length))));
         if guid == BAT_GUID {
@@ -163,7 +155,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
             }
             meta_rt = Some((offset, length));
         } else if bits & REGION_ENTRY_REQUIRED != 0 {
-            return Err(errno("Operation not supported"));
+            return Err(open_errno(filename, ENOTSUP));
         }
     }
     let (Some((bat_offset, bat_length)), Some((meta_offset, _))) = (bat_rt, meta_rt) else {
@@ -179,7 +171,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
     if &mt[..8] != b"metadata" {
         return Err(einval());
     }
-    let md_count = usize::from(u16::from_le_bytes([mt[10], mt[11]]));
+    let md_count = usize::from(le16(&mt, 10));
     if md_count * 32 > METADATA_TABLE_MAX_SIZE - 32 {
         return Err(einval());
     }
@@ -206,13 +198,13 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
                 item_offset[slot] = le32(e, 16);
             }
             None if le32(e, 24) & META_FLAGS_IS_REQUIRED != 0 => {
-                return Err(errno("Operation not supported"));
+                return Err(open_errno(filename, ENOTSUP));
             }
             None => {}
         }
     }
     if present != META_ALL {
-        return Err(errno("Operation not supported"));
+        return Err(open_errno(filename, ENOTSUP));
     }
     let mut read_item = |slot: usize, len: usize| -> Result<[u8; 8]> {
         let at = u64::from(item_offset[slot]).wrapping_add(meta_offset);
@@ -237,7 +229,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
     }
     // qemu only implements 512-byte logical sectors.
     if logical_sector_size != 512 {
-        return Err(errno("Operation not supported"));
+        return Err(open_errno(filename, ENOTSUP));
     }
     let sectors_per_block = block_size / logical_sector_size;
     let chunk_ratio =
@@ -261,7 +253,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
     if request_fails(bat_offset, u64::from(bat_length)) {
         return Err(eio());
     }
-    check_bat(
+    let bad_entry = check_bat(
         files,
         file,
         bat_offset,
@@ -270,19 +262,17 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         chunk_ratio,
         total_sectors,
         &regions,
-    )
-    .map_err(|e| e.unwrap_or_else(einval))?;
+    )?;
+    if let Some(line) = bad_entry {
+        return Err(einval().with_warnings(vec![line]));
+    }
 
     Ok(ImageInfo {
         format: "vhdx".into(),
         virtual_size: total_sectors.wrapping_mul(512),
         cluster_size: Some(u64::from(block_size)),
         dirty_flag: Some(false),
-        children: vec![ChildFile {
-            name: "file".into(),
-            file,
-            counts_in_disk_size: true,
-        }],
+        children: single_child(file),
         ..Default::default()
     })
 }
@@ -293,8 +283,7 @@ fn parse_header(files: &mut dyn Files, file: FileId) -> Result<Vec<u8>> {
     let mut h2 = vec![0u8; HEADER_SIZE];
     files.read_at(file, HEADER1_OFFSET, &mut h1)?;
     files.read_at(file, HEADER2_OFFSET, &mut h2)?;
-    let valid =
-        |h: &[u8]| checksum_ok(h) && &h[..4] == b"head" && u16::from_le_bytes([h[66], h[67]]) == 1;
+    let valid = |h: &[u8]| checksum_ok(h) && &h[..4] == b"head" && le16(h, 66) == 1;
     let pick = match (valid(&h1), valid(&h2)) {
         (true, false) => Some(h1),
         (false, true) => Some(h2),
@@ -340,13 +329,13 @@ impl Log {
 /// `vhdx_parse_log`: a log with a valid active sequence must be replayed,
 /// which a read-only open refuses.
 fn parse_log(files: &mut dyn Files, file: FileId, header: &[u8], filename: &str) -> Result<()> {
-    let einval = || ImageError::open(format!("Could not open '{filename}': Invalid argument"));
+    let einval = || open_errno(filename, EINVAL);
     let offset = le64(header, 72);
     let length = le32(header, 68);
     if offset < LOG_MIN_SIZE || !offset.is_multiple_of(LOG_MIN_SIZE) {
         return Err(einval());
     }
-    if u16::from_le_bytes([header[64], header[65]]) != 0 {
+    if le16(header, 64) != 0 {
         return Err(einval());
     }
     let log_guid = &header[48..64];
@@ -365,9 +354,7 @@ fn parse_log(files: &mut dyn Files, file: FileId, header: &[u8], filename: &str)
         budget: VHDX_LOG_SCAN_PASSES * sectors + 1,
     };
     if request_fails(offset, log.length) {
-        return Err(ImageError::open(format!(
-            "Could not open '{filename}': Input/output error"
-        )));
+        return Err(open_errno(filename, EIO));
     }
     let mut found = false;
     loop {
@@ -469,9 +456,7 @@ fn validate_entry(
                 && (&d[..4] == b"desc"
                     || (&d[..4] == b"zero" && le64(d, 8).is_multiple_of(LOG_SECTOR_SIZE)));
             if !ok {
-                return Err(ImageError::open(format!(
-                    "Could not open '{filename}': Invalid argument"
-                )));
+                return Err(open_errno(filename, EINVAL));
             }
             desc_index += 1;
             at += 32;
@@ -492,7 +477,9 @@ fn validate_entry(
 }
 
 #[allow(clippy::too_many_arguments)]
-/// `vhdx_check_bat_entries`: `Err(None)` is qemu's bare EINVAL.
+/// `vhdx_check_bat_entries`: `Some(line)` when qemu refuses the image with
+/// EINVAL, after printing `line` on stderr; qemu stops at the first bad
+/// entry.
 fn check_bat(
     files: &mut dyn Files,
     file: FileId,
@@ -502,18 +489,17 @@ fn check_bat(
     chunk_ratio: u64,
     total_sectors: u64,
     regions: &[(u64, u64)],
-) -> core::result::Result<(), Option<ImageError>> {
-    let file_size = files.len(file).map_err(Some)?.div_ceil(512) * 512;
+) -> Result<Option<String>> {
+    // qemu compares against the file node's length, whole sectors.
+    let file_size = files.len(file)?.div_ceil(512) * 512;
     let in_file = file_size.saturating_sub(bat_offset) / 8;
     let n = u64::from(bat_entries).min(in_file);
     let mut payblocks = chunk_ratio;
-    let mut chunk = vec![0u8; BAT_CHUNK];
+    let mut chunk = vec![0u8; TABLE_CHUNK];
     let mut i = 0u64;
     while i < n {
-        let count = (n - i).min((BAT_CHUNK / 8) as u64) as usize;
-        files
-            .read_at(file, bat_offset + i * 8, &mut chunk[..count * 8])
-            .map_err(Some)?;
+        let count = (n - i).min((TABLE_CHUNK / 8) as u64) as usize;
+        files.read_at(file, bat_offset + i * 8, &mut chunk[..count * 8])?;
         for k in 0..count {
             let entry = le64(&chunk, k * 8);
             let idx = i + k as u64;
@@ -525,15 +511,26 @@ fn check_bat(
                 .wrapping_sub(idx.wrapping_mul(u64::from(block_size)));
             let block_length = u64::from(block_size).min(rest) as u32;
             if offset > i64::MAX as u64 - u64::from(block_size) {
-                return Err(None);
+                return Ok(Some(format!("VHDX BAT entry {idx} offset overflow.")));
             }
-            if offset >= file_size || offset + u64::from(block_length) > file_size {
-                return Err(None);
+            if offset >= file_size {
+                return Ok(Some(format!(
+                    "VHDX BAT entry {idx} start offset {offset} points after end of file \
+                     ({file_size}). Image has probably been truncated."
+                )));
+            }
+            let end = offset + u64::from(block_length);
+            if end > file_size {
+                return Ok(Some(format!(
+                    "VHDX BAT entry {idx} end offset {} points after end of file \
+                     ({file_size}). Image has probably been truncated.",
+                    end - 1
+                )));
             }
             if payblocks > 0 {
                 payblocks -= 1;
-                if overlaps(regions, offset, u64::from(block_size)) {
-                    return Err(None);
+                if let Some(line) = overlap(regions, offset, u64::from(block_size)) {
+                    return Ok(Some(line));
                 }
             } else {
                 payblocks = chunk_ratio;
@@ -541,16 +538,19 @@ fn check_bat(
         }
         i += count as u64;
     }
-    Ok(())
+    Ok(None)
 }
 
-fn overlaps(regions: &[(u64, u64)], start: u64, length: u64) -> bool {
+/// `vhdx_region_check`: the line qemu prints when `start..start+length`
+/// overlaps a registered region. qemu keeps regions newest first, so the
+/// newest overlapping one is named.
+fn overlap(regions: &[(u64, u64)], start: u64, length: u64) -> Option<String> {
     let end = start.wrapping_add(length);
-    regions.iter().any(|&(s, e)| !(start >= e || end <= s))
-}
-
-fn request_fails(offset: u64, bytes: u64) -> bool {
-    offset > i64::MAX as u64 || bytes > BDRV_MAX_LENGTH || offset > BDRV_MAX_LENGTH - bytes
+    regions
+        .iter()
+        .rev()
+        .find(|&&(s, e)| !(start >= e || end <= s))
+        .map(|(s, e)| format!("VHDX region {start}-{end} overlaps with region {s}-{e}"))
 }
 
 /// CRC-32C with the checksum field (bytes 4..8) taken as zero.
@@ -609,16 +609,6 @@ const fn ms_guid(d1: u32, d2: u16, d3: u16, d4: [u8; 8]) -> [u8; 16] {
         a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
         d4[6], d4[7],
     ]
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 #[cfg(test)]
@@ -825,6 +815,115 @@ mod tests {
         );
     }
 
+    /// The stderr line before the error, for a patched [`image`].
+    fn warning(b: Vec<u8>) -> (String, Vec<String>) {
+        let e = run(b).unwrap_err();
+        (e.message, e.warnings)
+    }
+
+    #[test]
+    fn bat_entry_warnings() {
+        // Lines from qemu-img 10.0.2 on the same bytes (t-*.vhdx in the
+        // report's verification set).
+        let einval = "Could not open 'x.vhdx': Invalid argument";
+        let truncated = |what: &str| {
+            alloc::vec![format!(
+                "VHDX BAT entry {what} points after end of file (4194304). Image has probably \
+                 been truncated."
+            )]
+        };
+        let mut b = image();
+        put(&mut b, BAT, &((1u64 << 40) | 6).to_le_bytes());
+        assert_eq!(
+            warning(b),
+            (einval.into(), truncated("0 start offset 1099511627776"))
+        );
+        let mut b = image();
+        put(&mut b, BAT + 24, &((1u64 << 40) | 6).to_le_bytes());
+        assert_eq!(
+            warning(b),
+            (einval.into(), truncated("3 start offset 1099511627776"))
+        );
+        let mut b = image();
+        put(&mut b, BAT, &((MIB as u64) | 6).to_le_bytes());
+        assert_eq!(
+            warning(b),
+            (einval.into(), truncated("0 end offset 9437183"))
+        );
+        // The file size qemu compares with is in whole sectors.
+        let mut b = image();
+        b.truncate(4 * MIB - 100);
+        put(&mut b, BAT, &((3 * MIB as u64) | 6).to_le_bytes());
+        assert_eq!(
+            warning(b),
+            (einval.into(), truncated("0 end offset 11534335"))
+        );
+        let mut b = image();
+        put(&mut b, BAT, &0xFFFF_FFFF_FFF0_0006u64.to_le_bytes());
+        assert_eq!(
+            warning(b),
+            (
+                einval.into(),
+                alloc::vec!["VHDX BAT entry 0 offset overflow.".into()]
+            )
+        );
+    }
+
+    #[test]
+    fn region_overlap_warnings() {
+        let einval = "Could not open 'x.vhdx': Invalid argument";
+        let line = |s: &str| alloc::vec![String::from(s)];
+        let rt = REGION_TABLE_OFFSET as usize;
+        let mut b = image();
+        put(&mut b, rt + 48 + 16, &(BAT as u64).to_le_bytes());
+        fix(&mut b, rt, REGION_TABLE_SIZE);
+        assert_eq!(
+            warning(b),
+            (
+                einval.into(),
+                line("VHDX region 3145728-4194304 overlaps with region 3145728-4194304")
+            )
+        );
+        let mut b = image();
+        put(&mut b, rt + 16 + 16, &(MIB as u64 + 4096).to_le_bytes());
+        fix(&mut b, rt, REGION_TABLE_SIZE);
+        assert_eq!(
+            warning(b),
+            (
+                einval.into(),
+                line("VHDX region 1052672-2101248 overlaps with region 1048576-2097152")
+            )
+        );
+        // A payload block over the log, the metadata and the BAT: qemu
+        // names the newest region it registered (the metadata).
+        let mut b = image();
+        b.resize(16 * MIB, 0);
+        put(&mut b, BAT, &((MIB as u64) | 6).to_le_bytes());
+        assert_eq!(
+            warning(b),
+            (
+                einval.into(),
+                line("VHDX region 1048576-9437184 overlaps with region 2097152-3145728")
+            )
+        );
+        let mut b = image();
+        b.resize(16 * MIB, 0);
+        put(&mut b, BAT, &((8 * MIB as u64) | 6).to_le_bytes());
+        put(&mut b, BAT + 8, &((3 * MIB as u64) | 6).to_le_bytes());
+        assert_eq!(
+            warning(b),
+            (
+                einval.into(),
+                line("VHDX region 3145728-11534336 overlaps with region 3145728-4194304")
+            )
+        );
+        // Errors qemu gives without a line of its own carry none.
+        let mut b = image();
+        put(&mut b, META + 10, &3000u16.to_le_bytes());
+        assert_eq!(warning(b), (einval.into(), Vec::new()));
+        assert!(run(image()).unwrap().warnings.is_empty());
+    }
+
     #[test]
     fn crc32c_known_value() {
         let mut c = Crc32c::new();
@@ -860,5 +959,27 @@ mod tests {
             put(&mut b, k + 8, &(4 * MIB as u32 - 4096).to_le_bytes());
         }
         assert!(run(b).is_ok());
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on a qemu-img-created image cut short.
+        assert_eq!(err(Vec::new()), "Could not open 'x.vhdx': Invalid argument");
+        for n in [8, 64 * 1024] {
+            assert_eq!(err(image()[..n].to_vec()), "No valid VHDX header found");
+        }
+        let img = image();
+        crate::hostile::truncations(info, &img, "x.vhdx", 16);
+        let none = &crate::hostile::no_fix;
+        // Metadata table and items, and the BAT, carry no checksum.
+        crate::hostile::absurd_fields(info, &img, "x.vhdx", META..META + 192, none);
+        crate::hostile::absurd_fields(info, &img, "x.vhdx", META + 0x10000..META + 0x10028, none);
+        crate::hostile::absurd_fields(info, &img, "x.vhdx", BAT..BAT + 32, none);
+        let rt = REGION_TABLE_OFFSET as usize;
+        let fix_rt = |b: &mut [u8]| fix(b, rt, REGION_TABLE_SIZE);
+        crate::hostile::absurd_fields(info, &img, "x.vhdx", rt..rt + 80, &fix_rt);
+        let h = HEADER2_OFFSET as usize;
+        let fix_h = |b: &mut [u8]| fix(b, h, HEADER_SIZE);
+        crate::hostile::absurd_fields(info, &img, "x.vhdx", h + 8..h + 80, &fix_h);
     }
 }

@@ -6,6 +6,10 @@
 //! are never read: only the request bounds qemu checks when it reads them
 //! are reproduced (an out-of-range table is an I/O error in qemu).
 
+use crate::block::single_child;
+use crate::block::{open_errno, request_fails, with_errno, EINVAL, EIO};
+use crate::bytes::{be32, find, le16, le32, le64, until_nul};
+use crate::limits::{VMDK_MAX_DESC_NESTING, VMDK_MAX_EXTENTS};
 use crate::{Files, Result};
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -14,17 +18,6 @@ use alloc::vec::Vec;
 use instar_wire::{
     ChildFile, FileId, FormatSpecific, ImageError, ImageInfo, VmdkExtentInfo, VmdkInfo,
 };
-
-/// Extents one image may name. qemu has no limit, but each extent is a file
-/// the host must open: a 1 MiB descriptor could name ~30000. 4096 covers a
-/// twoGbMaxExtent disk of 8 TiB, far beyond VMDK's 2 TiB sparse maximum.
-pub const VMDK_MAX_EXTENTS: usize = 4096;
-
-/// How deep sparse extents with an embedded descriptor may nest. qemu
-/// recurses without a bound (an extent naming itself never ends); real
-/// images nest at most once (a monolithicSparse header pointing at its own
-/// descriptor).
-pub const VMDK_MAX_DESC_NESTING: u32 = 8;
 
 const VMDK3_MAGIC: u32 = u32::from_be_bytes(*b"COWD");
 const VMDK4_MAGIC: u32 = u32::from_be_bytes(*b"KDMV");
@@ -39,9 +32,6 @@ const DESC_READ_MAX: u64 = (1 << 20) - 1;
 const DESC_SIZE: usize = 20 * 512;
 /// qemu's PATH_MAX-sized backing name buffer.
 const BACKING_NAME_MAX: usize = 4095;
-/// `BDRV_MAX_LENGTH`: requests reaching past it fail with EIO in qemu.
-const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1u64 << 30) - 1);
-const EIO: &str = "Input/output error";
 
 /// qemu's probe: binary magic, or a text descriptor whose first
 /// non-comment, non-blank line is `version=1|2|3`.
@@ -49,7 +39,7 @@ pub fn probe(buf: &[u8], _filename: &str) -> u32 {
     if buf.len() < 4 {
         return 0;
     }
-    let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let magic = be32(buf, 0);
     if magic == VMDK3_MAGIC || magic == VMDK4_MAGIC {
         return 100;
     }
@@ -98,11 +88,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         root_name: filename,
         create_type: None,
         extents: Vec::new(),
-        children: vec![ChildFile {
-            name: "file".into(),
-            file,
-            counts_in_disk_size: true,
-        }],
+        children: single_child(file),
         nesting: 0,
     };
     let buf = st.read_desc(file, 0)?;
@@ -118,9 +104,10 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
     let mut desc = vec![0u8; DESC_SIZE];
     st.files.read_at(file, desc_offset, &mut desc)?;
     let desc = until_nul(&desc);
-    let backing = parent_file_name_hint(desc).ok_or_else(|| st.errno("Invalid argument"))?;
-    let cid = read_cid(desc, b"CID").ok_or_else(|| st.errno("Invalid argument"))?;
-    let parent_cid = read_cid(desc, b"parentCID").ok_or_else(|| st.errno("Invalid argument"))?;
+    let backing = parent_file_name_hint(desc).ok_or_else(|| open_errno(st.root_name, EINVAL))?;
+    let cid = read_cid(desc, b"CID").ok_or_else(|| open_errno(st.root_name, EINVAL))?;
+    let parent_cid =
+        read_cid(desc, b"parentCID").ok_or_else(|| open_errno(st.root_name, EINVAL))?;
 
     // qemu-img info asserts at least one extent (vmdk_co_get_info); a
     // descriptor without usable extent lines aborts qemu-img.
@@ -213,11 +200,6 @@ struct State<'a> {
 }
 
 impl State<'_> {
-    /// The message qemu gives when the driver fails without its own text.
-    fn errno(&self, why: &str) -> ImageError {
-        ImageError::open(format!("Could not open '{}': {why}", self.root_name))
-    }
-
     /// `vmdk_read_desc`: up to 1 MiB from `offset` (text users stop at the
     /// first NUL themselves).
     fn read_desc(&mut self, file: FileId, offset: u64) -> Result<Vec<u8>> {
@@ -227,7 +209,10 @@ impl State<'_> {
         }
         let size = size.min(DESC_READ_MAX);
         if request_fails(offset, size) {
-            return Err(ImageError::open(format!("Could not read from file: {EIO}")));
+            return Err(ImageError::open(with_errno(
+                "Could not read from file",
+                EIO,
+            )));
         }
         let mut buf = vec![0u8; size as usize];
         self.files.read_at(file, offset, &mut buf)?;
@@ -289,13 +274,15 @@ impl State<'_> {
     /// `vmdk_init_tables`, reduced to the request checks that can fail.
     fn check_tables(&self, display: &str, l1: u64, backup: u64, bytes: u64) -> Result<()> {
         if request_fails(l1, bytes) {
-            return Err(ImageError::open(format!(
-                "Could not read l1 table from extent '{display}': {EIO}"
+            return Err(ImageError::open(with_errno(
+                &format!("Could not read l1 table from extent '{display}'"),
+                EIO,
             )));
         }
         if backup != 0 && request_fails(backup, bytes) {
-            return Err(ImageError::open(format!(
-                "Could not read l1 backup table from extent '{display}': {EIO}"
+            return Err(ImageError::open(with_errno(
+                &format!("Could not read l1 backup table from extent '{display}'"),
+                EIO,
             )));
         }
         Ok(())
@@ -345,7 +332,7 @@ impl State<'_> {
             let sectors = len.div_ceil(512);
             let at = sectors.wrapping_mul(512).wrapping_sub(1536);
             if (at as i64) < 0 || request_fails(at, 1536) {
-                return Err(ImageError::open(format!("Failed to read footer: {EIO}")));
+                return Err(ImageError::open(with_errno("Failed to read footer", EIO)));
             }
             let mut f = [0u8; 1536];
             self.files.read_at(file, at, &mut f)?;
@@ -451,8 +438,9 @@ impl State<'_> {
         }
         let vol_at = q(10).wrapping_mul(512);
         if request_fails(vol_at, 512) {
-            return Err(ImageError::open(format!(
-                "Could not read volatile header from file '{display}': {EIO}"
+            return Err(ImageError::open(with_errno(
+                &format!("Could not read volatile header from file '{display}'"),
+                EIO,
             )));
         }
         let mut v = [0u8; 512];
@@ -613,31 +601,14 @@ impl Vmdk4Header {
             rgd_offset: le64(s, 48),
             gd_offset: le64(s, 56),
             grain_offset: le64(s, 64),
-            compress_algorithm: u16::from_le_bytes([s[77], s[78]]),
+            compress_algorithm: le16(s, 77),
         }
     }
-}
-
-/// True when qemu's block layer would refuse a read of `bytes` at `offset`
-/// (negative offset as int64, or past `BDRV_MAX_LENGTH`).
-fn request_fails(offset: u64, bytes: u64) -> bool {
-    offset > i64::MAX as u64 || bytes > BDRV_MAX_LENGTH || offset > BDRV_MAX_LENGTH - bytes
 }
 
 /// File nodes report their length rounded up to whole sectors.
 fn sector_len(len: u64) -> u64 {
     len.div_ceil(512).saturating_mul(512)
-}
-
-fn until_nul(b: &[u8]) -> &[u8] {
-    match b.iter().position(|&c| c == 0) {
-        Some(i) => &b[..i],
-        None => b,
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 fn next_line(s: &[u8], p: usize) -> usize {
@@ -827,20 +798,6 @@ fn scan_extent_line(s: &[u8]) -> ExtentLine {
         m.matches = 5;
     }
     m
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
 }
 
 #[cfg(test)]
@@ -1310,5 +1267,26 @@ mod tests {
         d.extend(core::iter::repeat_n(b' ', 400_000));
         let i = run(&mut with(d, &[("f", vec![0; 512])]), "d.vmdk").unwrap();
         assert_eq!(i.virtual_size, 512);
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on a qemu-img-created monolithicSparse image cut
+        // short.
+        let cut = |n: usize| {
+            let mut f = with(plain_sparse()[..n].to_vec(), &[]);
+            err(&mut f, "x.vmdk")
+        };
+        assert_eq!(cut(1), "invalid VMDK image descriptor");
+        for n in [4, 16, 32] {
+            assert_eq!(cut(n), "L1 entry size is invalid");
+        }
+        for n in [100, 4096] {
+            assert_eq!(cut(n), "File truncated, expecting at least 65536 bytes");
+        }
+        let run_root = |files: &mut dyn Files, file: FileId, name: &str| info(files, file, name);
+        let img = plain_sparse();
+        crate::hostile::truncations(run_root, &img, "x.vmdk", 96);
+        crate::hostile::absurd_fields(run_root, &img, "x.vmdk", 0..96, &crate::hostile::no_fix);
     }
 }

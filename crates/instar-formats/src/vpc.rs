@@ -5,10 +5,14 @@
 //! qemu does not follow a differencing disk's parent (no backing file is
 //! reported), so neither does this module.
 
+use crate::block::single_child;
+use crate::block::{open_errno, request_fails, EFBIG};
+use crate::bytes::{be16, be32, be64};
+use crate::limits::TABLE_CHUNK;
 use crate::{Files, Result};
 use alloc::format;
 use alloc::vec;
-use instar_wire::{ChildFile, FileId, ImageError, ImageInfo};
+use instar_wire::{FileId, ImageError, ImageInfo};
 
 const FOOTER_SIZE: u64 = 512;
 const DYN_HEADER_SIZE: usize = 1024;
@@ -17,10 +21,6 @@ const VHD_FIXED: u32 = 2;
 const VHD_MAX_SECTORS: u64 = 0xff00_0000;
 /// The largest CHS geometry: with it the footer's size is trusted.
 const VHD_MAX_GEOMETRY: u64 = 65535 * 16 * 255;
-/// BAT bytes read per request while scanning for the highest block.
-const BAT_CHUNK: usize = 64 * 1024;
-/// `BDRV_MAX_LENGTH`: reads reaching past it fail with EIO in qemu.
-const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1u64 << 30) - 1);
 
 /// `conectix` at offset 0 (a fixed disk, footer only at the end, probes as
 /// raw).
@@ -34,7 +34,6 @@ pub fn probe(buf: &[u8], _filename: &str) -> u32 {
 
 /// Describe the VHD image in `file`.
 pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<ImageInfo> {
-    let errno = |why: &str| ImageError::open(format!("Could not open '{filename}': {why}"));
     let mut footer = [0u8; FOOTER_SIZE as usize];
     files.read_at(file, 0, &mut footer)?;
     let mut fixed = false;
@@ -60,7 +59,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         return Err(ImageError::open("Incorrect header checksum"));
     }
 
-    let cyls = u64::from(u16::from_be_bytes([footer[56], footer[57]]));
+    let cyls = u64::from(be16(&footer, 56));
     let mut total_sectors = cyls * u64::from(footer[58]) * u64::from(footer[59]);
     // Virtual PC and old qemu size the disk by its CHS geometry; every
     // other creator's current_size is right.
@@ -70,7 +69,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         total_sectors = be64(&footer, 48) / 512;
     }
     if total_sectors > VHD_MAX_SECTORS {
-        return Err(errno("File too large"));
+        return Err(open_errno(filename, EFBIG));
     }
 
     let mut cluster_size = None;
@@ -117,17 +116,17 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         // every entry reads as 0, a block at sector 0.
         let file_len = files.len(file)?;
         let in_file = file_len.saturating_sub(bat_offset).min(bat_bytes);
-        let mut chunk = vec![0u8; BAT_CHUNK];
+        let mut chunk = vec![0u8; TABLE_CHUNK];
         let mut done = 0u64;
         while done < in_file {
-            let n = (in_file - done).min(BAT_CHUNK as u64) as usize;
+            let n = (in_file - done).min(TABLE_CHUNK as u64) as usize;
             let n = n - n % 4;
             if n == 0 {
                 break;
             }
             files.read_at(file, bat_offset + done, &mut chunk[..n])?;
             for e in chunk[..n].chunks_exact(4) {
-                let e = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+                let e = be32(e, 0);
                 if e != 0xffff_ffff {
                     free = free.max(512 * u64::from(e) + bitmap_size + u64::from(block_size));
                 }
@@ -166,27 +165,9 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         virtual_size: total_sectors * 512,
         cluster_size,
         dirty_flag: Some(false),
-        children: vec![ChildFile {
-            name: "file".into(),
-            file,
-            counts_in_disk_size: true,
-        }],
+        children: single_child(file),
         ..Default::default()
     })
-}
-
-fn request_fails(offset: u64, bytes: u64) -> bool {
-    offset > i64::MAX as u64 || bytes > BDRV_MAX_LENGTH || offset > BDRV_MAX_LENGTH - bytes
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
 }
 
 #[cfg(test)]
@@ -323,5 +304,27 @@ mod tests {
             err(far),
             "block-vpc: free_data_block_offset points after the end of file. The image has been truncated."
         );
+    }
+
+    #[test]
+    fn hostile_sweeps() {
+        // qemu-img 10.0.2 on a qemu-img-created dynamic VHD cut short.
+        let img = dynamic(b"qemu", (520, 16, 63), 64 << 20, 32, 2 << 20);
+        assert_eq!(err(Vec::new()), "File too small for a VHD header");
+        assert_eq!(err(img[..1].to_vec()), "invalid VPC image");
+        // The footer's fields all lie in its first 85 bytes; the dynamic
+        // header then reads as zeros.
+        assert_eq!(err(img[..100].to_vec()), "Invalid header magic");
+        crate::hostile::truncations(info, &img, "p.vhd", 600);
+        let footer = |b: &mut [u8]| {
+            let sum = b[..512]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !(64..68).contains(i))
+                .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
+            b[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        };
+        crate::hostile::absurd_fields(info, &img, "p.vhd", 0..64, &footer);
+        crate::hostile::absurd_fields(info, &img, "p.vhd", 512..1536, &footer);
     }
 }

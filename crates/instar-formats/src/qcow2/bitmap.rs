@@ -1,8 +1,8 @@
 //! Persistent dirty bitmaps: the bitmap directory and its entries' tables.
 
-use super::bytes::{be16, be32, be64, c_string, read_vec, Cursor};
 use super::extensions::BitmapsExt;
 use super::header::Qcow2Header;
+use crate::bytes::{be16, be32, be64, c_string, read_vec, Cursor};
 use crate::limits::*;
 use crate::{Files, Result};
 use alloc::format;
@@ -107,7 +107,11 @@ pub fn read_directory(
         let extra = be32(&e, 20);
         let entry_len =
             (DIR_ENTRY_SIZE as u64 + extra as u64 + name_size as u64).next_multiple_of(8);
-        if pos + entry_len > size {
+        // qemu sizes the entry as a C int (calc_dir_entry_size), so a huge
+        // extra_data_size wraps and passes this bounds check; the extra-data
+        // refusal below then reports it (corpus image bm-extra-size-huge).
+        let qemu_len = entry_len as u32 as i32;
+        if qemu_len >= 0 && pos + qemu_len as u64 > size {
             return Err(broken());
         }
         if extra != 0 {
@@ -181,15 +185,8 @@ pub fn check_loadable(
         let mut remaining = bm.table_size as u64 * 8;
         let mut off = bm.table_offset;
         while remaining > 0 {
-            let n = remaining.min(BITMAP_TABLE_CHUNK as u64);
-            let chunk = read_vec(
-                files,
-                file,
-                off,
-                n,
-                BITMAP_TABLE_CHUNK as u64,
-                "bitmap table",
-            )?;
+            let n = remaining.min(TABLE_CHUNK as u64);
+            let chunk = read_vec(files, file, off, n, TABLE_CHUNK as u64, "bitmap table")?;
             for e in chunk.chunks_exact(8) {
                 let entry = be64(e, 0);
                 let offset = entry & TABLE_ENTRY_OFFSET_MASK;

@@ -1,8 +1,8 @@
 //! Header extensions: the (magic, length, data) records between the header
 //! and the end of the extension area, each padded to 8 bytes.
 
-use super::bytes::{be32, be64, c_string, Cursor};
 use super::header::{Qcow2Header, AUTOCLEAR_BITMAPS, CRYPT_LUKS};
+use crate::bytes::{be32, be64, c_string, Cursor};
 use crate::limits::*;
 use crate::luks::{self, LuksAlgorithms, LuksHeader};
 use crate::{Files, Result};

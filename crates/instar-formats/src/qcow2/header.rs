@@ -1,7 +1,7 @@
 //! The qcow2 header (cluster 0, big-endian) and qemu's open-time checks on
 //! its fields.
 
-use super::bytes::{be32, be64};
+use crate::bytes::{be32, be64};
 use crate::limits::*;
 use crate::Result;
 use alloc::format;

@@ -7,7 +7,6 @@
 //! the L1/L2 and refcount tables from its header.
 
 pub mod bitmap;
-pub mod bytes;
 pub mod extensions;
 pub mod header;
 pub mod snapshot;
@@ -16,6 +15,7 @@ pub mod tables;
 #[cfg(test)]
 mod tests;
 
+use crate::bytes::{be32, read_backing_name};
 use crate::limits::MAX_BACKING_NAME;
 use crate::luks::{LuksAlgorithms, LuksHeader};
 use crate::{Files, Result};
@@ -24,7 +24,6 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use bytes::{be32, c_string, read_vec};
 use extensions::Extensions;
 use header::*;
 use instar_wire::{
@@ -107,16 +106,7 @@ impl Qcow2Image {
             if len > MAX_BACKING_NAME.min(h.cluster_size() - h.backing_file_offset) {
                 return Err(ImageError::open("Backing file name too long"));
             }
-            let name = read_vec(
-                files,
-                file,
-                h.backing_file_offset,
-                len,
-                MAX_BACKING_NAME,
-                "backing file name",
-            )?;
-            // qemu treats an empty name as no backing file.
-            Some(c_string(&name)).filter(|n| !n.is_empty())
+            read_backing_name(files, file, h.backing_file_offset, len)?
         } else {
             None
         };

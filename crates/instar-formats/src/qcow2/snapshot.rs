@@ -1,7 +1,7 @@
 //! The internal snapshot table: variable-length entries, each 8-aligned.
 
-use super::bytes::{be16, be32, be64, c_string, Cursor};
 use super::header::Qcow2Header;
+use crate::bytes::{be16, be32, be64, c_string, Cursor};
 use crate::limits::*;
 use crate::{Files, Result};
 use alloc::format;

@@ -2,8 +2,8 @@
 //! Only decoding lives here; the walks read through [`crate::Files`] in
 //! bounded ranges.
 
-use super::bytes::be64;
 use super::header::Qcow2Header;
+use crate::bytes::be64;
 use crate::{Files, Result};
 use alloc::vec::Vec;
 use instar_wire::{FileId, ImageError};

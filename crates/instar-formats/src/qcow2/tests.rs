@@ -679,3 +679,20 @@ fn limits_hold() {
         "Unsupported qcow2 feature(s): Unknown incompatible feature: 80".to_string()
     );
 }
+
+#[test]
+fn hostile_sweeps() {
+    // qemu-img 10.0.2 on a qemu-img-created qcow2 image cut short.
+    let cut = |n: usize| raw_err(Img::new(v3()).bytes()[..n].to_vec());
+    assert_eq!(cut(1), "Image is not in qcow2 format");
+    assert_eq!(cut(4), "Unsupported qcow2 version 0");
+    for n in [8, 16] {
+        assert_eq!(cut(n), "Unsupported cluster size: 2^0");
+    }
+    for n in [32, 64, 100] {
+        assert_eq!(cut(n), "qcow2 header too short");
+    }
+    let img = Img::new(v3()).bytes();
+    crate::hostile::truncations(info, &img, "x", HEADER_SIZE + 8);
+    crate::hostile::absurd_fields(info, &img, "x", 0..HEADER_SIZE, &crate::hostile::no_fix);
+}
