@@ -146,7 +146,10 @@ class _Results:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
             outcome = report.outcome
             reason = None
-            if report.skipped:
+            if hasattr(report, "wasxfail"):
+                # a recorded known divergence: counted apart, with its reason
+                outcome, reason = "xfailed", report.wasxfail
+            elif report.skipped:
                 lr = report.longrepr
                 reason = lr[2] if isinstance(lr, tuple) else str(lr)
                 reason = reason.removeprefix("Skipped: ")
@@ -195,6 +198,7 @@ def pytest_sessionfinish(session, exitstatus):
     skips = collections.Counter()
     failed = []
     skipped_tests = {}
+    known = {}
     for nodeid, (outcome, props, reason) in sorted(_RESULTS.outcomes.items()):
         totals[outcome] += 1
         cm = f"{props.get('command', '-')} {props.get('mode', '-')}"
@@ -203,6 +207,8 @@ def pytest_sessionfinish(session, exitstatus):
         if outcome == "skipped":
             skips[_generic_reason(reason)] += 1
             skipped_tests[nodeid] = reason
+        if outcome == "xfailed":
+            known[nodeid] = reason
         if outcome in ("failed", "error"):
             failed.append(nodeid)
     started = getattr(config, "_instar_started", time.time())
@@ -230,6 +236,7 @@ def pytest_sessionfinish(session, exitstatus):
         "skip_reasons": dict(skips.most_common()),
         "failed": failed,
         "skipped": skipped_tests,
+        "known_divergences": known,
     }
     out = Path(os.environ.get("INSTAR_TEST_RESULTS_DIR", harness.TESTS / "results"))
     out.mkdir(parents=True, exist_ok=True)
