@@ -143,8 +143,8 @@ fn facts(f: &OpenedFile) -> FileFacts {
 
 fn vmm_error(e: VmmError) -> CliError {
     match e {
-        VmmError::NoKvm(m) => CliError::Instar(format!("cannot use KVM: {m}")),
-        VmmError::Failed(m) => CliError::Instar(m),
+        // The VMM's messages already name /dev/kvm and what is needed.
+        VmmError::NoKvm(m) | VmmError::Failed(m) => CliError::Instar(m),
     }
 }
 
