@@ -295,6 +295,78 @@ class Mode:
         return self.applies(image) if self.applies else True
 
 
+# `map` covers raw and qcow2 (instar refuses other formats with one
+# `instar: map is not implemented` line). Chains that pass through another
+# format are left out by path.
+MAP_FORMATS = ("raw", "qcow2")
+MAP_OTHER_FORMAT_CHAINS = ("safe/chains/depth4-mixed/", "hostile/backing-loop/mixed.")
+
+
+def map_implemented(image: Image) -> bool:
+    return image.format in MAP_FORMATS and not image.path.startswith(MAP_OTHER_FORMAT_CHAINS)
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest_formats(root: Path) -> dict:
+    data = json.loads((root / "manifest.json").read_text())
+    return {e["id"]: (e.get("format"), tuple(e.get("chain") or ())) for e in data.get("images", [])}
+
+
+def measure_rows_apply(image: Image) -> bool:
+    """qemu opens a qcow2's external data file by its stored name relative
+    to the current directory; instar's file gate resolves it relative to
+    the image (as for backing files), so the `root` naming differs. Left
+    out until the gate models it (map has the same open)."""
+    return image.category != "qcow2-data-file"
+
+
+# `check` covers qcow2 and the formats qemu has no check for (exit 63);
+# qed, vdi, vhdx, vmdk and parallels are refused with one `instar:` line.
+CHECK_FORMATS = ("qcow2", "raw", "vpc", "bochs", "cloop", "dmg", "luks", "qcow")
+# qemu's check opens the backing chain and the data file (relative to the
+# cwd) and reads the snapshot table leniently; instar does none of these yet.
+CHECK_OTHER_CATEGORIES = (
+    "backing-loop",
+    "backing-outside-dir",
+    "datafile-outside-dir",
+    "qcow2-data-file",
+    "snapshot-table-attack",
+)
+CHECK_OTHER_IMAGES = (
+    "hostile/compression-bomb/bomb-dmg-bzip2.dmg",  # qemu's module warning
+    "hostile/header-extension-overflow/hext-backing-name-nul.qcow2",  # backing open
+    "hostile/tables-past-eof/eof-qcow2-snapshots.qcow2",  # lenient snapshot table
+)
+
+
+def check_implemented(image: Image) -> bool:
+    return (
+        image.format in CHECK_FORMATS
+        and image.category not in CHECK_OTHER_CATEGORIES
+        and image.path not in CHECK_OTHER_IMAGES
+    )
+
+
+def measure_walkable(image: Image) -> bool:
+    """`measure -O qcow2` reads allocation through the map walk, which knows
+    raw and qcow2 (chains of them included); other sources are refused
+    with one `instar:` line until their block status exists."""
+    if not measure_rows_apply(image):
+        return False
+    formats = _manifest_formats(image.root)
+    fmt, chain, seen = image.format, image.chain, set()
+    while True:
+        if fmt not in ("raw", "qcow2"):
+            return False
+        if not chain:
+            return True
+        nxt = chain[0]
+        if nxt in seen or nxt not in formats:
+            return False
+        seen.add(nxt)
+        fmt, chain = formats[nxt]
+
+
 COMMAND_MODES = [
     Mode("info", "human"),
     Mode("info", "json", ("--output=json",)),
@@ -307,21 +379,33 @@ COMMAND_MODES = [
     ),
     Mode("info", "chain-human", ("--backing-chain",), enabled=False),
     Mode("info", "chain-json", ("--backing-chain", "--output=json"), enabled=False),
-    Mode("check", "human", enabled=False),
-    Mode("check", "json", ("--output=json",), enabled=False),
-    Mode("map", "human", enabled=False),
-    Mode("map", "json", ("--output=json",), enabled=False),
+    Mode("check", "human", applies=lambda i: check_implemented(i)),
+    Mode("check", "json", ("--output=json",), applies=lambda i: check_implemented(i)),
+    Mode("map", "human", applies=lambda i: map_implemented(i)),
+    Mode("map", "json", ("--output=json",), applies=lambda i: map_implemented(i)),
     Mode(
         "measure",
         "qcow2-human",
-        enabled=False,
+        applies=lambda i: measure_walkable(i),
         argv=lambda i, a: ["measure", "-O", "qcow2", a],
     ),
     Mode(
         "measure",
         "qcow2-json",
-        enabled=False,
+        applies=lambda i: measure_walkable(i),
         argv=lambda i, a: ["measure", "--output=json", "-O", "qcow2", a],
+    ),
+    Mode(
+        "measure",
+        "raw-human",
+        applies=lambda i: measure_rows_apply(i),
+        argv=lambda i, a: ["measure", "-O", "raw", a],
+    ),
+    Mode(
+        "measure",
+        "raw-json",
+        applies=lambda i: measure_rows_apply(i),
+        argv=lambda i, a: ["measure", "--output=json", "-O", "raw", a],
     ),
 ]
 

@@ -43,6 +43,10 @@ VOLATILE_FIELDS = {
     # LUKS headers: a random uuid and benchmark-dependent iteration counts
     "luks-uuid": [r"(uuid: )[0-9a-f-]{36}", r'("uuid": ")[0-9a-f-]{36}(")'],
     "luks-iters": [r"^(\s*(?:master key )?iters: )\d+$", r'("(?:master-key-)?iters": )\d+'],
+    # measure of a raw file with fallocated (unwritten) extents: qemu asks
+    # SEEK_DATA, whose answer for unwritten extents depends on the page
+    # cache, so the recorded `required` can differ on the same bytes
+    "required-size": [r"^(required size: )\d+$", r'("required": )\d+'],
     # st_blocks depends on the filesystem the corpus sits on
     "disk-size": [r"^(\s*disk size: ).*$", r'("actual-size": )\d+'],
     # not a stdout field: the first stderr line is not compared

@@ -6,7 +6,10 @@
 
 extern crate alloc;
 
+pub mod check;
 pub mod info;
+pub mod map;
+pub mod measure;
 
 use instar_formats::Files;
 use instar_wire::{Request, Response};
@@ -17,6 +20,52 @@ pub fn handle(files: &mut dyn Files, request: &Request) -> Response {
         Request::Info { format, filename } => {
             match info::info(files, format.as_deref(), filename) {
                 Ok(info) => Response::Info(info),
+                Err(e) => Response::Error(e),
+            }
+        }
+        Request::Map {
+            format,
+            filename,
+            start,
+            max_length,
+            max_chain_depth,
+            max_entries,
+            human,
+            split_compressed,
+        } => {
+            let params = map::MapParams {
+                format: format.as_deref(),
+                filename,
+                start: *start,
+                max_length: *max_length,
+                max_chain_depth: *max_chain_depth,
+                max_entries: *max_entries,
+                human: *human,
+                split_compressed: *split_compressed,
+            };
+            match map::map(files, &params) {
+                Ok(m) => Response::Map(m),
+                Err(e) => Response::Error(e),
+            }
+        }
+        Request::Measure {
+            format,
+            filename,
+            target,
+            max_chain_depth,
+        } => match measure::measure_image(
+            files,
+            format.as_deref(),
+            filename,
+            target,
+            *max_chain_depth,
+        ) {
+            Ok(m) => Response::Measure(m),
+            Err(e) => Response::Error(e),
+        },
+        Request::Check { format, filename } => {
+            match check::check(files, format.as_deref(), filename) {
+                Ok(c) => Response::Check(c),
                 Err(e) => Response::Error(e),
             }
         }

@@ -17,6 +17,34 @@ pub trait Files {
     /// resolves it as qemu does and checks its allowlist; the error is ready
     /// to return. Gives the new file's id.
     fn open(&mut self, relative_to: FileId, path: &str) -> Result<FileId>;
+    /// Open `path` as stored, relative to the current directory (qemu's
+    /// qcow2 data files). This default treats it like [`Files::open`] of a
+    /// name in the image's own directory.
+    fn open_as_given(&mut self, path: &str) -> Result<FileId> {
+        self.open(instar_wire::ROOT_FILE, path)
+    }
+    /// Is `offset` of `file` in data or in a hole, and how many bytes on
+    /// the answer stays the same (`u64::MAX`: to the end and beyond), as
+    /// the host's SEEK_DATA/SEEK_HOLE see it. Past the end is a hole. A
+    /// source that knows no holes (this default) has data up to its end.
+    fn data_at(&mut self, file: FileId, offset: u64) -> Result<(bool, u64)> {
+        self.data_at_default(file, offset)
+    }
+    /// Bytes `file` occupies on disk (st_blocks * 512); a source without
+    /// that notion (this default) occupies its length.
+    fn allocated(&mut self, file: FileId) -> Result<u64> {
+        self.len(file)
+    }
+    /// [`Files::data_at`] for a source without holes.
+    #[doc(hidden)]
+    fn data_at_default(&mut self, file: FileId, offset: u64) -> Result<(bool, u64)> {
+        let len = self.len(file)?;
+        Ok(if offset < len {
+            (true, len - offset)
+        } else {
+            (false, u64::MAX)
+        })
+    }
 }
 
 /// In-memory [`Files`] for tests: file 0 is the image, `open` looks names up.

@@ -17,6 +17,7 @@ pub mod files;
 #[cfg(test)]
 mod hostile;
 pub mod limits;
+pub mod map;
 pub mod probe;
 
 pub mod bochs;

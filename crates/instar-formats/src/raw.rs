@@ -30,6 +30,60 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
     })
 }
 
+/// A raw image opened for block status: every byte is the file's own, so
+/// the file's holes are the image's zeros (qemu's raw driver hands block
+/// status to the file driver).
+pub struct RawMap {
+    file: FileId,
+    size: u64,
+}
+
+impl RawMap {
+    /// Open `file` as raw.
+    pub fn open(files: &mut dyn Files, file: FileId) -> Result<Self> {
+        let len = files.len(file)?;
+        let size = len
+            .checked_next_multiple_of(SECTOR)
+            .ok_or_else(|| crate::block::open_errno("", EFBIG))?;
+        Ok(Self { file, size })
+    }
+}
+
+impl crate::map::MapImage for RawMap {
+    fn format(&self) -> &'static str {
+        "raw"
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn can_compress(&self) -> bool {
+        // qemu's raw driver passes compressed writes through, so
+        // block_driver_can_compress() is true and map JSON has the key.
+        true
+    }
+    fn block_status(
+        &mut self,
+        files: &mut dyn Files,
+        offset: u64,
+        len: u64,
+    ) -> Result<crate::map::Extent> {
+        use crate::map::{file_status, Extent, HostRef, Mapping};
+        let (data, length) = file_status(files, self.file, offset, len)?;
+        let at = HostRef {
+            file: self.file,
+            offset,
+        };
+        Ok(Extent::new(
+            length,
+            if data {
+                Mapping::Data { at }
+            } else {
+                Mapping::Zero { at: Some(at) }
+            },
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

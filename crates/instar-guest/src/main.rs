@@ -14,7 +14,7 @@ mod mailbox;
 use alloc::vec::Vec;
 use instar_formats::Files;
 use instar_wire::mailbox::{MESSAGE_ADDR, MESSAGE_CAPACITY, PORT_PANIC};
-use instar_wire::{FileId, HostCall, HostReply, ImageError, Request, Response};
+use instar_wire::{DataExtents, FileId, HostCall, HostReply, ImageError, Request, Response};
 use mailbox::Mailbox;
 
 /// Bytes per read-cache chunk. Header and table reads are small and
@@ -34,12 +34,21 @@ struct Chunk {
     data: Vec<u8>,
 }
 
+/// The host's last answer about one file's holes (queries walk forward,
+/// so one reply per file answers many of them).
+struct HoleMap {
+    file: FileId,
+    from: u64,
+    extents: DataExtents,
+}
+
 /// [`Files`] over the mailbox, with a small read cache.
 struct MailboxFiles {
     mailbox: Mailbox,
     lengths: Vec<u64>,
     cache: Vec<Chunk>,
     clock: u64,
+    holes: Option<HoleMap>,
 }
 
 impl MailboxFiles {
@@ -49,7 +58,17 @@ impl MailboxFiles {
             lengths: alloc::vec![root_length],
             cache: Vec::new(),
             clock: 0,
+            holes: None,
         }
+    }
+
+    /// One host call; the reply decoded.
+    fn host_call(&mut self, call: &HostCall) -> instar_formats::Result<HostReply> {
+        let encoded = postcard::to_allocvec(call)
+            .map_err(|_| ImageError::operation("internal error: cannot encode host call"))?;
+        let reply = self.mailbox.call(&encoded);
+        postcard::from_bytes::<HostReply>(reply)
+            .map_err(|_| ImageError::operation("internal error: undecodable host reply"))
     }
 
     fn length(&self, file: FileId) -> instar_formats::Result<u64> {
@@ -168,15 +187,76 @@ impl Files for MailboxFiles {
         Ok(())
     }
 
+    fn allocated(&mut self, file: FileId) -> instar_formats::Result<u64> {
+        match self.host_call(&HostCall::DataExtents { file, offset: 0 })? {
+            HostReply::DataExtents(e) => Ok(e.allocated),
+            HostReply::Failed(e) => Err(e),
+            _ => Err(ImageError::operation(
+                "internal error: unexpected host reply",
+            )),
+        }
+    }
+
+    fn data_at(&mut self, file: FileId, offset: u64) -> instar_formats::Result<(bool, u64)> {
+        let len = self.length(file)?;
+        if offset >= len {
+            return Ok((false, u64::MAX));
+        }
+        let cached = matches!(&self.holes, Some(h) if h.file == file
+            && h.from <= offset && offset < h.extents.scanned_to);
+        if !cached {
+            let extents = match self.host_call(&HostCall::DataExtents { file, offset })? {
+                HostReply::DataExtents(e) => e,
+                HostReply::Failed(e) => return Err(e),
+                _ => {
+                    return Err(ImageError::operation(
+                        "internal error: unexpected host reply",
+                    ))
+                }
+            };
+            if extents.unsupported {
+                return Ok((true, u64::MAX));
+            }
+            if extents.scanned_to <= offset {
+                return Err(ImageError::operation(
+                    "internal error: host scanned no holes",
+                ));
+            }
+            self.holes = Some(HoleMap {
+                file,
+                from: offset,
+                extents,
+            });
+        }
+        let Some(h) = &self.holes else {
+            return Ok((true, u64::MAX));
+        };
+        let e = &h.extents;
+        // Ranges are ascending: the first that ends after `offset`.
+        let i = e.data.partition_point(|&(_, end)| end <= offset);
+        Ok(match e.data.get(i) {
+            Some(&(start, end)) if start <= offset => (true, end - offset),
+            Some(&(start, _)) => (false, start - offset),
+            None if e.scanned_to >= len => (false, u64::MAX),
+            None => (false, e.scanned_to - offset),
+        })
+    }
+
     fn open(&mut self, relative_to: FileId, path: &str) -> instar_formats::Result<FileId> {
-        let call = HostCall::Open {
+        self.open_call(&HostCall::Open {
             relative_to,
             path: path.into(),
-        };
-        let encoded = postcard::to_allocvec(&call)
-            .map_err(|_| ImageError::operation("internal error: cannot encode host call"))?;
-        let reply = self.mailbox.call(&encoded);
-        match postcard::from_bytes::<HostReply>(reply) {
+        })
+    }
+
+    fn open_as_given(&mut self, path: &str) -> instar_formats::Result<FileId> {
+        self.open_call(&HostCall::OpenAsGiven { path: path.into() })
+    }
+}
+
+impl MailboxFiles {
+    fn open_call(&mut self, call: &HostCall) -> instar_formats::Result<FileId> {
+        match self.host_call(call) {
             Ok(HostReply::Opened { file, length }) => {
                 if file as usize != self.lengths.len() {
                     return Err(ImageError::operation(
@@ -187,9 +267,10 @@ impl Files for MailboxFiles {
                 Ok(file)
             }
             Ok(HostReply::Failed(error)) => Err(error),
-            Err(_) => Err(ImageError::operation(
-                "internal error: undecodable host reply",
+            Ok(_) => Err(ImageError::operation(
+                "internal error: unexpected host reply",
             )),
+            Err(e) => Err(e),
         }
     }
 }

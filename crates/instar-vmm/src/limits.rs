@@ -42,3 +42,8 @@ pub const MAX_EXITS: u64 = 500_000;
 /// Largest report the sandbox process may send back (response plus file
 /// names); equal to the message limit plus room for names.
 pub const MAX_REPORT_BYTES: u64 = MAX_MESSAGE_BYTES + (4 << 20);
+
+/// Data ranges per hole-map reply (16 bytes each encoded at most ~20):
+/// 4096 keep a reply near 80 KiB, far inside the mailbox; a more
+/// fragmented file takes further calls.
+pub const MAX_DATA_EXTENTS: usize = 4096;

@@ -11,7 +11,7 @@ use instar_wire::mailbox::{
     Le64, MailboxHeader, HEADER_BYTES, MAGIC, MAILBOX_ADDR, MESSAGE_ADDR, MESSAGE_CAPACITY,
     PORT_CALL, PORT_DONE, PORT_PANIC, PORT_READ, PROTOCOL_VERSION, STATUS_OK,
 };
-use instar_wire::{ErrorKind, HostCall, HostReply, ImageError, Request, Response};
+use instar_wire::{DataExtents, ErrorKind, HostCall, HostReply, ImageError, Request, Response};
 use std::os::unix::fs::FileExt;
 
 /// What the run loop does after an exit.
@@ -210,40 +210,122 @@ impl HostMailbox {
         Ok(STATUS_OK)
     }
 
+    /// Open `path`, a name found in the file shown as `base`, through the
+    /// gate, within the per-call limits.
+    fn open_file(&mut self, base: &str, path: &str) -> HostReply {
+        if path.len() > limits::MAX_PATH_BYTES {
+            return HostReply::Failed(ImageError::limit(format!(
+                "file name of {} bytes is longer than {} (MAX_PATH_BYTES)",
+                path.len(),
+                limits::MAX_PATH_BYTES
+            )));
+        }
+        if self.files.len() > limits::MAX_OPEN_FILES {
+            return HostReply::Failed(ImageError {
+                kind: ErrorKind::Limit,
+                warnings: Vec::new(),
+                message: format!(
+                    "image names more than {} files (MAX_OPEN_FILES)",
+                    limits::MAX_OPEN_FILES
+                ),
+            });
+        }
+        match self.gate.open(base, path) {
+            Ok(opened) => {
+                let length = opened.file.metadata().map(|m| m.len()).unwrap_or(0);
+                let file = self.files.len() as u32;
+                self.files.push(opened);
+                HostReply::Opened { file, length }
+            }
+            Err(e) => HostReply::Failed(e),
+        }
+    }
+
     fn call(&mut self, call: HostCall) -> Result<HostReply, VmmError> {
         match call {
             HostCall::Open { relative_to, path } => {
                 let base = self.files.get(relative_to as usize).ok_or_else(|| {
                     violation(format!("open relative to unknown file id {relative_to}"))
                 })?;
-                if path.len() > limits::MAX_PATH_BYTES {
-                    return Ok(HostReply::Failed(ImageError::limit(format!(
-                        "file name of {} bytes is longer than {} (MAX_PATH_BYTES)",
-                        path.len(),
-                        limits::MAX_PATH_BYTES
-                    ))));
-                }
-                if self.files.len() > limits::MAX_OPEN_FILES {
-                    return Ok(HostReply::Failed(ImageError {
-                        kind: ErrorKind::Limit,
-                        warnings: Vec::new(),
-                        message: format!(
-                            "image names more than {} files (MAX_OPEN_FILES)",
-                            limits::MAX_OPEN_FILES
-                        ),
-                    }));
-                }
-                match self.gate.open(&base.display_name, &path) {
-                    Ok(opened) => {
-                        let length = opened.file.metadata().map(|m| m.len()).unwrap_or(0);
-                        let file = self.files.len() as u32;
-                        self.files.push(opened);
-                        Ok(HostReply::Opened { file, length })
-                    }
-                    Err(e) => Ok(HostReply::Failed(e)),
-                }
+                let base = base.display_name.clone();
+                Ok(self.open_file(&base, &path))
+            }
+            // The gate combines with an empty base: the name as stored.
+            HostCall::OpenAsGiven { path } => Ok(self.open_file("", &path)),
+            HostCall::DataExtents { file, offset } => {
+                let f = self
+                    .files
+                    .get(file as usize)
+                    .ok_or_else(|| violation(format!("hole map of unknown file id {file}")))?;
+                Ok(HostReply::DataExtents(data_extents(&f.file, offset)))
             }
         }
+    }
+}
+
+/// The data ranges of `file` from `offset` on, by SEEK_DATA/SEEK_HOLE as
+/// qemu's file driver finds them (`find_allocation`), at most
+/// [`limits::MAX_DATA_EXTENTS`] of them. Only seeks: no byte is read.
+fn data_extents(file: &std::fs::File, offset: u64) -> DataExtents {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let (len, allocated) = match file.metadata() {
+        Ok(m) => (m.len(), m.blocks().saturating_mul(512)),
+        Err(_) => (0, 0),
+    };
+    let unsupported = DataExtents {
+        data: Vec::new(),
+        scanned_to: len,
+        allocated,
+        unsupported: true,
+    };
+    let seek = |pos: u64, whence: i32| -> Result<u64, i32> {
+        let pos = i64::try_from(pos).map_err(|_| libc::ENXIO)?;
+        // SAFETY: lseek on a descriptor this process owns for the whole
+        // call; it only moves the file offset, which no read here uses
+        // (reads are pread).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let mut data = Vec::new();
+    let mut pos = offset;
+    while pos < len {
+        if data.len() >= limits::MAX_DATA_EXTENTS {
+            return DataExtents {
+                data,
+                scanned_to: pos,
+                allocated,
+                unsupported: false,
+            };
+        }
+        let start = match seek(pos, libc::SEEK_DATA) {
+            Ok(d) if d >= pos => d,
+            // No data after `pos`: the rest is a hole.
+            Err(libc::ENXIO) => break,
+            // qemu pretends there are no holes when it cannot ask.
+            _ => return unsupported,
+        };
+        if start >= len {
+            break;
+        }
+        let end = match seek(start, libc::SEEK_HOLE) {
+            Ok(h) if h > start => h.min(len),
+            _ => return unsupported,
+        };
+        data.push((start, end));
+        pos = end;
+    }
+    DataExtents {
+        data,
+        scanned_to: len.max(offset),
+        allocated,
+        unsupported: false,
     }
 }
 

@@ -52,6 +52,9 @@ enum Args {
     /// `fcntl(_, F_GETFD)` (std's debug-build check in `OwnedFd::drop`) or
     /// `fcntl(_, F_SETFD)` (musl's `open` re-sets FD_CLOEXEC).
     FdFlags,
+    /// `lseek(_, _, SEEK_DATA)` or `lseek(_, _, SEEK_HOLE)`: hole maps
+    /// only, never a plain seek.
+    SeekDataHole,
 }
 
 /// The reviewed allowlist: syscall, argument rule, who needs it. Both
@@ -60,6 +63,7 @@ enum Args {
 const ALLOWLIST: &[(i64, &str, Args, &str)] = &[
     (libc::SYS_ioctl, "ioctl", Args::KvmRun, "the run loop; no other KVM ioctl after setup"),
     (libc::SYS_pread64, "pread64", Args::Any, "READ calls: pread into guest memory"),
+    (libc::SYS_lseek, "lseek", Args::SeekDataHole, "hole maps (map of raw files): SEEK_DATA/SEEK_HOLE"),
     (libc::SYS_openat, "openat", Args::ReadOnlyOpen, "gate opens, read-only (Landlock limits where)"),
     (libc::SYS_open, "open", Args::ReadOnlyOpenLegacy, "gate opens with musl, read-only"),
     (libc::SYS_statx, "statx", Args::Any, "gate: file type and length (std uses statx)"),
@@ -140,6 +144,7 @@ fn filter(socket: RawFd) -> Result<BpfProgram, VmmError> {
             Args::Abort => Some(vec![cond(2, SeccompCmpOp::Eq, libc::SIGABRT as u64)]),
             Args::AbortTkill => Some(vec![cond(1, SeccompCmpOp::Eq, libc::SIGABRT as u64)]),
             Args::FdFlags => Some(vec![cond(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)]),
+            Args::SeekDataHole => Some(vec![cond(2, SeccompCmpOp::Eq, libc::SEEK_DATA as u64)]),
         };
         let mut chain = Vec::new();
         if let Some(c) = conditions {
@@ -152,6 +157,10 @@ fn filter(socket: RawFd) -> Result<BpfProgram, VmmError> {
         if let Args::FdFlags = args {
             // Either command: a second rule, OR-ed with the first.
             let c = cond(1, SeccompCmpOp::Eq, libc::F_SETFD as u64).map_err(|e| fail(&e))?;
+            chain.push(SeccompRule::new(vec![c]).map_err(|e| fail(&e))?);
+        }
+        if let Args::SeekDataHole = args {
+            let c = cond(2, SeccompCmpOp::Eq, libc::SEEK_HOLE as u64).map_err(|e| fail(&e))?;
             chain.push(SeccompRule::new(vec![c]).map_err(|e| fail(&e))?);
         }
         rules.insert(nr, chain);

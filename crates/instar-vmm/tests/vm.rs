@@ -56,6 +56,7 @@ fn round_trip() {
     let outcome = run(&config, open(&path), &info_request(&path)).unwrap_or_else(|e| panic!("{e}"));
     match &outcome.response {
         Response::Info(_) | Response::Error(_) => {}
+        other => panic!("an info request got {other:?}"),
     }
     eprintln!("response: {:?}", outcome.response);
     eprintln!("stats: {:?}", outcome.stats);

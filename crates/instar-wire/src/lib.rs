@@ -14,14 +14,20 @@
 
 extern crate alloc;
 
+pub mod check;
 pub mod info;
 pub mod mailbox;
+pub mod map;
+pub mod measure;
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
+pub use check::*;
 pub use info::*;
+pub use map::{MapEntry, MapResult};
+pub use measure::{MeasureFormat, MeasureInfo, MeasureResult, MeasureTarget};
 
 /// Index of a file in the host's per-call file table. The image named on the
 /// command line is always [`ROOT_FILE`]; further files (vmdk extents, data
@@ -42,6 +48,47 @@ pub enum Request {
         /// formats, e.g. dmg, looks at the name; messages quote it).
         filename: String,
     },
+    /// `qemu-img map` of [`ROOT_FILE`] and its backing chain.
+    Map {
+        /// `-f FMT`, or `None` to probe.
+        format: Option<String>,
+        /// The file name as given on the command line.
+        filename: String,
+        /// `--start-offset`.
+        start: u64,
+        /// `--max-length`, or `None` for the whole image.
+        max_length: Option<u64>,
+        /// Backing files the guest may open below the image (config
+        /// `max_chain_depth` minus one).
+        max_chain_depth: u32,
+        /// At most this many merged entries; more is a limit error (map
+        /// output of a fragmented image can be huge).
+        max_entries: u64,
+        /// Human output: qemu-img merges zero and unallocated runs there
+        /// and stops at data it cannot place, so the walk differs.
+        human: bool,
+        /// qemu-img tells compressed runs apart (8.2 on): they end a merge.
+        split_compressed: bool,
+    },
+    /// `qemu-img measure` of [`ROOT_FILE`] (and its backing chain) for a
+    /// target the CLI validated.
+    Measure {
+        /// `-f FMT`, or `None` to probe.
+        format: Option<String>,
+        /// The file name as given on the command line.
+        filename: String,
+        /// What to measure for.
+        target: MeasureTarget,
+        /// Backing files the guest may open below the image.
+        max_chain_depth: u32,
+    },
+    /// `qemu-img check` of [`ROOT_FILE`] (no repair).
+    Check {
+        /// `-f FMT`, or `None` to probe.
+        format: Option<String>,
+        /// The file name as given on the command line.
+        filename: String,
+    },
 }
 
 /// What the guest returns at the end of a run.
@@ -49,6 +96,12 @@ pub enum Request {
 pub enum Response {
     /// Result of [`Request::Info`].
     Info(ImageInfo),
+    /// Result of [`Request::Map`].
+    Map(MapResult),
+    /// Result of [`Request::Measure`].
+    Measure(MeasureResult),
+    /// Result of [`Request::Check`].
+    Check(CheckResult),
     /// The operation failed; the error is what qemu-img would report.
     Error(ImageError),
 }
@@ -125,6 +178,23 @@ pub enum HostCall {
         /// The name as stored in the image.
         path: String,
     },
+    /// Open `path` read-only exactly as stored, relative to the current
+    /// directory unless absolute (qemu opens a qcow2 external data file
+    /// this way, not relative to the image). Gate and allowlist as for
+    /// [`HostCall::Open`].
+    OpenAsGiven {
+        /// The name as stored in the image.
+        path: String,
+    },
+    /// Where `file` has data, from `offset` on, as the host's
+    /// SEEK_DATA/SEEK_HOLE see it (qemu's file driver asks the same). The
+    /// host only seeks; it reads nothing.
+    DataExtents {
+        /// A file of this call.
+        file: FileId,
+        /// Start of the scan.
+        offset: u64,
+    },
 }
 
 /// The host's answer to a [`HostCall`].
@@ -139,4 +209,21 @@ pub enum HostReply {
     },
     /// The open failed; `error` is ready to be returned as is.
     Failed(ImageError),
+    /// Answer to [`HostCall::DataExtents`].
+    DataExtents(DataExtents),
+}
+
+/// Data ranges of a file between `offset` and `scanned_to`; everything else
+/// in that span is a hole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataExtents {
+    /// Data ranges `(start, end)`, ascending, inside the scanned span.
+    pub data: Vec<(u64, u64)>,
+    /// The scan covered up to here (the file length, or less when the
+    /// host stopped after its limit of ranges per reply).
+    pub scanned_to: u64,
+    /// Bytes the file occupies on disk (st_blocks * 512).
+    pub allocated: u64,
+    /// SEEK_DATA is not supported: treat everything as data, as qemu does.
+    pub unsupported: bool,
 }

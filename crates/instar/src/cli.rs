@@ -108,8 +108,35 @@ pub enum Action {
     Version,
     /// `info`.
     Info(InfoArgs),
+    /// `map`.
+    Map(MapArgs),
+    /// `measure`.
+    Measure(crate::measure::MeasureArgs),
+    /// `check`.
+    Check(crate::check::CheckArgs),
     /// A qemu-img command instar does not have yet.
     NotImplemented(String),
+}
+
+/// Parsed `map` arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapArgs {
+    /// `-f`.
+    pub format: Option<String>,
+    /// `--output`.
+    pub output: OutputFormat,
+    /// `--start-offset` / `-s`.
+    pub start: u64,
+    /// `--max-length` / `-l`.
+    pub max_length: Option<u64>,
+    /// `-U` (accepted; instar opens read-only and takes no locks).
+    pub force_share: bool,
+    /// `--image-opts` (refused later).
+    pub image_opts: bool,
+    /// `--object` values (refused later).
+    pub objects: Vec<String>,
+    /// Index of the file name in the argument vector.
+    pub filename_index: usize,
 }
 
 /// A usage error: the exact stderr text, exit code 1.
@@ -422,6 +449,37 @@ pub fn parse(args: &[String], grammar: impl Into<Grammar>) -> Result<Action, Usa
     let sub: Vec<String> = args[cmd_index..].to_vec();
     match cmd {
         "info" => parse_info(&sub, cmd_index, &usage, grammar),
+        "measure" => crate::measure::parse(
+            &sub,
+            cmd_index,
+            usage.style,
+            &|m| usage.error_exit(Some("measure"), m),
+            &|f| usage.getopt(Some("measure"), f),
+            &|| match usage.style {
+                UsageStyle::Classic => main_help(),
+                _ => crate::measure::help(),
+            },
+        )
+        .map(|r| match r {
+            Ok(a) => Action::Measure(a),
+            Err(help) => Action::Print(help),
+        }),
+        "map" => parse_map(&sub, cmd_index, &usage),
+        "check" => crate::check::parse(
+            &sub,
+            cmd_index,
+            usage.style,
+            &|m| usage.error_exit(Some("check"), m),
+            &|f| usage.getopt(Some("check"), f),
+            &|| match usage.style {
+                UsageStyle::Classic => main_help(),
+                _ => crate::check::help(),
+            },
+        )
+        .map(|r| match r {
+            Ok(a) => Action::Check(a),
+            Err(help) => Action::Print(help),
+        }),
         _ if QEMU_IMG_COMMANDS.iter().any(|(n, _)| *n == cmd) => {
             Ok(Action::NotImplemented(cmd.to_string()))
         }
@@ -506,6 +564,218 @@ fn parse_info(
     Ok(Action::Info(a))
 }
 
+const OPT_START_OFFSET: u32 = 261;
+const OPT_MAX_LENGTH: u32 = 262;
+
+/// `img_map`'s long options, in qemu's table order.
+const MAP_LONG: &[LongOpt] = &[
+    LongOpt {
+        name: "help",
+        has_arg: HasArg::No,
+        id: c('h'),
+    },
+    LongOpt {
+        name: "format",
+        has_arg: HasArg::Required,
+        id: c('f'),
+    },
+    LongOpt {
+        name: "output",
+        has_arg: HasArg::Required,
+        id: OPT_OUTPUT,
+    },
+    LongOpt {
+        name: "object",
+        has_arg: HasArg::Required,
+        id: OPT_OBJECT,
+    },
+    LongOpt {
+        name: "image-opts",
+        has_arg: HasArg::No,
+        id: OPT_IMAGE_OPTS,
+    },
+    LongOpt {
+        name: "force-share",
+        has_arg: HasArg::No,
+        id: c('U'),
+    },
+    LongOpt {
+        name: "start-offset",
+        has_arg: HasArg::Required,
+        id: OPT_START_OFFSET,
+    },
+    LongOpt {
+        name: "max-length",
+        has_arg: HasArg::Required,
+        id: OPT_MAX_LENGTH,
+    },
+];
+/// Before the rework `map` had no `-s`/`-l`.
+const MAP_SPEC_CLASSIC: Spec = Spec {
+    short: "f:hU",
+    long: MAP_LONG,
+    stop_at_operand: false,
+};
+/// The rework (Debian 10.0.2 here) adds `-s` and `-l`.
+const MAP_SPEC_REWORKED: Spec = Spec {
+    short: "hf:s:l:U",
+    long: MAP_LONG,
+    stop_at_operand: false,
+};
+
+/// qemu's `cvtnum`: a size as `qemu_strtosz` reads it (`1.5k`, `0x10`,
+/// `2M`), or its error line.
+fn cvtnum(name: &str, value: &str) -> Result<u64, UsageError> {
+    let invalid = || UsageError(format!("qemu-img: Invalid {name} specified: '{value}'.\n"));
+    let range = || {
+        UsageError(format!(
+            "qemu-img: Invalid {name} specified. Must be between 0 and {}.\n",
+            i64::MAX
+        ))
+    };
+    let s = value.trim_start();
+    if s.starts_with('-') {
+        return Err(range());
+    }
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let (int_part, rest, hex) = if let Some(h) = s.strip_prefix("0x").or(s.strip_prefix("0X")) {
+        let end = h.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(h.len());
+        (&h[..end], &h[end..], true)
+    } else {
+        let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        (&s[..end], &s[end..], false)
+    };
+    if int_part.is_empty() {
+        return Err(invalid());
+    }
+    let int = u64::from_str_radix(int_part, if hex { 16 } else { 10 }).map_err(|_| range())?;
+    let (frac, rest) = match rest.strip_prefix('.') {
+        Some(r) if !hex => {
+            let end = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+            let digits = &r[..end];
+            let f: f64 = format!("0.{}", if digits.is_empty() { "0" } else { digits })
+                .parse()
+                .map_err(|_| invalid())?;
+            (f, &r[end..])
+        }
+        Some(_) => return Err(invalid()),
+        None => (0.0, rest),
+    };
+    let mul: u64 = match rest {
+        "" => 1,
+        "b" | "B" => 1,
+        "k" | "K" => 1 << 10,
+        "m" | "M" => 1 << 20,
+        "g" | "G" => 1 << 30,
+        "t" | "T" => 1 << 40,
+        "p" | "P" => 1 << 50,
+        "e" | "E" => 1 << 60,
+        _ => return Err(invalid()),
+    };
+    // A fraction needs a unit that makes it whole bytes.
+    if frac != 0.0 && mul == 1 {
+        return Err(invalid());
+    }
+    let whole = int.checked_mul(mul).ok_or_else(range)?;
+    let part = (frac * mul as f64) as u64;
+    let v = whole.checked_add(part).ok_or_else(range)?;
+    if v > i64::MAX as u64 {
+        return Err(range());
+    }
+    Ok(v)
+}
+
+fn parse_map(sub: &[String], base: usize, usage: &Usage) -> Result<Action, UsageError> {
+    let spec = match usage.style {
+        UsageStyle::Classic => &MAP_SPEC_CLASSIC,
+        UsageStyle::Reworked | UsageStyle::Upstream => &MAP_SPEC_REWORKED,
+    };
+    let parsed = getopt::parse(spec, sub).map_err(|f| usage.getopt(Some("map"), &f))?;
+    let mut output: Option<String> = None;
+    let mut a = MapArgs {
+        format: None,
+        output: OutputFormat::Human,
+        start: 0,
+        max_length: None,
+        force_share: false,
+        image_opts: false,
+        objects: Vec::new(),
+        filename_index: 0,
+    };
+    for (id, value) in parsed.options {
+        let v = value.unwrap_or_default();
+        match id {
+            x if x == c('h') => {
+                return Ok(Action::Print(match usage.style {
+                    UsageStyle::Classic => main_help(),
+                    UsageStyle::Reworked | UsageStyle::Upstream => map_help(),
+                }))
+            }
+            x if x == c('f') => a.format = Some(v),
+            x if x == c('U') => a.force_share = true,
+            x if x == c('s') || x == OPT_START_OFFSET => a.start = cvtnum("start offset", &v)?,
+            x if x == c('l') || x == OPT_MAX_LENGTH => {
+                a.max_length = Some(cvtnum("max length", &v)?)
+            }
+            OPT_OUTPUT => {
+                if v != "human" && v != "json" {
+                    let comma = match usage.style {
+                        UsageStyle::Classic => None,
+                        UsageStyle::Reworked => Some(""),
+                        UsageStyle::Upstream => Some(","),
+                    };
+                    if let Some(comma) = comma {
+                        return Err(usage.error_exit(
+                            Some("map"),
+                            &format!("--output expects 'human' or 'json'{comma} not '{v}'"),
+                        ));
+                    }
+                }
+                output = Some(v);
+            }
+            OPT_OBJECT => a.objects.push(v),
+            OPT_IMAGE_OPTS => a.image_opts = true,
+            _ => {}
+        }
+    }
+    if parsed.operands.len() != 1 {
+        return Err(usage.error_exit(Some("map"), "Expecting one image file name"));
+    }
+    a.filename_index = base + parsed.operands[0];
+    a.output = match output.as_deref() {
+        None | Some("human") => OutputFormat::Human,
+        Some("json") => OutputFormat::Json,
+        Some(_) => {
+            return Err(UsageError(
+                "qemu-img: --output must be used with human or json as argument.\n".to_string(),
+            ));
+        }
+    };
+    Ok(Action::Map(a))
+}
+
+/// `map --help`, in instar's words (see [`info_help`]).
+pub fn map_help() -> String {
+    "Usage: qemu-img map [-f FMT] [--output human|json] [--start-offset OFFSET]
+                    [--max-length LENGTH] [-U|--force-share] FILENAME
+
+Show how FILENAME's guest bytes are stored: which runs hold data, zeros or
+nothing, in which file and at which offset, through the backing chain,
+exactly as the installed qemu-img would print it. instar parses the image
+inside a sandbox.
+
+  -h, --help            this help
+  -f, --format FMT      treat FILENAME as FMT instead of probing
+  -s, --start-offset N  start at guest offset N
+  -l, --max-length N    map at most N bytes
+  -U, --force-share     accepted (instar opens images read-only, unlocked)
+  --output human|json   output format (default human)
+  --image-opts, --object, json: file names are not supported.
+
+"
+    .to_string()
+}
+
 /// `info --help`. instar's own words: help is for people, and scripts do
 /// not parse it (they probe `--help` of the program for "Recognized
 /// commands", which [`main_help`] keeps).
@@ -559,7 +829,7 @@ Recognized commands (run qemu-img COMMAND --help for command-specific help):
 ",
     );
     for (name, what) in QEMU_IMG_COMMANDS {
-        let note = if *name == "info" {
+        let note = if matches!(*name, "info" | "map" | "check" | "measure") {
             ""
         } else {
             " (not implemented yet)"
@@ -742,8 +1012,8 @@ mod tests {
         assert!(i.force_share && i.backing_chain);
         assert_eq!(i.filename_index, 8);
         assert_eq!(
-            parse(&args(&["q", "check", "x"]), UsageStyle::Classic),
-            Ok(Action::NotImplemented("check".into()))
+            parse(&args(&["q", "commit", "x"]), UsageStyle::Classic),
+            Ok(Action::NotImplemented("commit".into()))
         );
     }
 }

@@ -26,7 +26,7 @@ impl CliError {
             CliError::Qemu(m) => format!("qemu-img: {m}\n"),
             CliError::Instar(m) => format!("instar: {}\n", one_line(m)),
             CliError::NotImplemented(c) => {
-                format!("instar: the '{c}' command is not implemented yet (only 'info' is)\n")
+                format!("instar: the '{c}' command is not implemented yet\n")
             }
         }
     }

@@ -39,12 +39,16 @@ pub fn strerror(e: &std::io::Error) -> String {
     }
 }
 
-fn could_not_open(name: &str, inner: &str) -> CliError {
+pub(crate) fn could_not_open(name: &str, inner: &str) -> CliError {
     CliError::Qemu(format!("Could not open '{name}': {inner}"))
 }
 
 /// Open `path` as qemu's `file` driver would, with its messages.
-fn open_plain(name: &str, path: &Path, profile: &OutputProfile) -> Result<std::fs::File, CliError> {
+pub(crate) fn open_plain(
+    name: &str,
+    path: &Path,
+    profile: &OutputProfile,
+) -> Result<std::fs::File, CliError> {
     if name.is_empty() {
         return Err(could_not_open(
             name,
@@ -71,7 +75,7 @@ fn open_plain(name: &str, path: &Path, profile: &OutputProfile) -> Result<std::f
 }
 
 /// Strip a `file:` prefix and refuse every other protocol.
-fn plain_name(name: &str) -> Result<&str, CliError> {
+pub(crate) fn plain_name(name: &str) -> Result<&str, CliError> {
     match paths::protocol(name) {
         None => Ok(name),
         Some("file") => Ok(&name[5..]),
@@ -141,14 +145,14 @@ fn facts(f: &OpenedFile) -> FileFacts {
     }
 }
 
-fn vmm_error(e: VmmError) -> CliError {
+pub(crate) fn vmm_error(e: VmmError) -> CliError {
     match e {
         // The VMM's messages already name /dev/kvm and what is needed.
         VmmError::NoKvm(m) | VmmError::Failed(m) => CliError::Instar(m),
     }
 }
 
-fn canonical_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
+pub(crate) fn canonical_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
     dirs.iter().filter_map(|d| d.canonicalize().ok()).collect()
 }
 
@@ -248,9 +252,11 @@ pub fn run(call: &InfoCall) -> Result<Vec<u8>, CliError> {
             filename: name.clone(),
         };
         let outcome = instar_vmm::run(&sandbox, root, &request).map_err(vmm_error)?;
+        let no_warnings = Vec::new();
         let warnings = match &outcome.response {
             Response::Info(i) => &i.warnings,
             Response::Error(e) => &e.warnings,
+            _ => &no_warnings,
         };
         // qemu-img reports these on stderr while opening, before any result.
         for line in warnings {
@@ -265,6 +271,11 @@ pub fn run(call: &InfoCall) -> Result<Vec<u8>, CliError> {
                         could_not_open(&name, &e.message)
                     }
                 })
+            }
+            _ => {
+                return Err(CliError::Instar(
+                    "internal error: the guest answered info with another result".into(),
+                ))
             }
         };
         let files: Vec<FileFacts> = outcome.files.iter().map(facts).collect();

@@ -6,11 +6,14 @@
 //! runs, and returns typed results that this crate renders.
 #![deny(missing_docs)]
 
+mod check;
 mod cli;
 mod config;
 mod error;
 mod getopt;
 mod info;
+mod map;
+mod measure;
 mod paths;
 mod profile;
 mod qobject;
@@ -107,6 +110,39 @@ fn real_main(args_os: Vec<OsString>) -> Result<Output, CliError> {
                 profile: &profile,
             };
             info::run(&call)
+        }
+        cli::Action::Measure(a) => {
+            let filename = a.operands.first().map(|&i| args_os[keep[i]].clone());
+            let call = measure::MeasureCall {
+                args: &a,
+                filename,
+                config: &config,
+                timeout: Duration::from_secs_f64(timeout_secs),
+                profile: &profile,
+            };
+            measure::run(&call)
+        }
+        cli::Action::Check(a) => {
+            let filename = args_os[keep[a.filename_index]].clone();
+            let call = check::CheckCall {
+                args: &a,
+                filename,
+                config: &config,
+                timeout: Duration::from_secs_f64(timeout_secs),
+                profile: &profile,
+            };
+            check::run(&call)
+        }
+        cli::Action::Map(a) => {
+            let filename = args_os[keep[a.filename_index]].clone();
+            let call = map::MapCall {
+                args: &a,
+                filename,
+                config: &config,
+                timeout: Duration::from_secs_f64(timeout_secs),
+                profile: &profile,
+            };
+            map::run(&call)
         }
     }
 }

@@ -141,6 +141,9 @@ pub struct OutputProfile {
     pub qcow2_dirty_flag: bool,
     /// `Detected format of X.` hint ends with a newline (8.1).
     pub detected_format_newline: bool,
+    /// `map --output=json` has `present` (6.1; absent in the captured 5.2.0,
+    /// present in 6.2.0: tests/evidence/README.md).
+    pub map_present: bool,
     /// `map --output=json` has `compressed` (8.2).
     pub map_compressed: bool,
     /// Snapshot table layout (9.0).
@@ -203,6 +206,7 @@ impl OutputProfile {
             hide_empty_format_specific: at(8, 0),
             qcow2_dirty_flag: at(6, 1),
             detected_format_newline: at(8, 1),
+            map_present: at(6, 1),
             map_compressed: at(8, 2),
             snapshot_layout: if at(9, 0) {
                 SnapshotLayout::V9

@@ -9,6 +9,7 @@
 pub mod bitmap;
 pub mod extensions;
 pub mod header;
+pub mod map;
 pub mod snapshot;
 pub mod tables;
 
