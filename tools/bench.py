@@ -83,6 +83,8 @@ def main():
         ap.error("--runs must be at least 7")
     qemu_img = shutil.which(args.qemu_img) or args.qemu_img
     qemu_io = shutil.which("qemu-io") or str(Path(qemu_img).with_name("qemu-io"))
+    # Rows run in the image's directory: make a relative binary path absolute.
+    args.instar = str(Path(args.instar).resolve())
     if not Path(args.instar).exists():
         sys.exit(f"bench: instar binary not found at {args.instar} (build with cargo build --release)")
 
