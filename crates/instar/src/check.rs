@@ -9,14 +9,13 @@ use crate::cli::{OutputFormat, UsageError};
 use crate::config::Config;
 use crate::error::CliError;
 use crate::getopt::{self, HasArg, LongOpt, Spec};
-use crate::info::{canonical_dirs, could_not_open, open_plain, plain_name, vmm_error};
+use crate::info::{command_line_image, could_not_open, open_plain, vmm_error};
 use crate::profile::{OutputProfile, UsageStyle};
 use crate::qobject::{QDict, QValue};
-use instar_vmm::{OpenedFile, SandboxConfig};
+use instar_vmm::OpenedFile;
 use instar_wire::{CheckResult, CheckStatus, ErrorKind, Request, Response};
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Parsed `check` arguments.
@@ -315,27 +314,7 @@ pub fn run(call: &CheckCall) -> Result<Vec<u8>, CliError> {
             "check -r {mode} (repair) is not supported: instar never modifies images; nothing was changed"
         )));
     }
-    let lossy = call.filename.to_string_lossy().into_owned();
-    let name = plain_name(&lossy)?.to_string();
-    let path: PathBuf = if name.len() == lossy.len() {
-        PathBuf::from(&call.filename)
-    } else {
-        PathBuf::from(&name)
-    };
-    let mut allow = Vec::new();
-    if let Some(dir) = path
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
-        allow.push(dir);
-    }
-    allow.extend(canonical_dirs(&call.config.allow_paths));
-    let sandbox = SandboxConfig {
-        memory_bytes: call.config.memory_mib.saturating_mul(1024 * 1024),
-        timeout: call.timeout,
-        allow_dirs: allow,
-    };
+    let (name, path, sandbox) = command_line_image(&call.filename, call.config, call.timeout)?;
     let file = open_plain(&name, &path, call.profile)?;
     let root = OpenedFile {
         display_name: name.clone(),

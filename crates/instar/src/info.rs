@@ -11,7 +11,7 @@ use crate::render::{self, FileFacts, ImageView};
 use instar_vmm::{OpenedFile, SandboxConfig, VmmError};
 use instar_wire::{ErrorKind, ImageInfo, Request, Response};
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -156,6 +156,40 @@ pub(crate) fn canonical_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
     dirs.iter().filter_map(|d| d.canonicalize().ok()).collect()
 }
 
+/// The image named on the command line: the name qemu-img shows (a `file:`
+/// prefix removed), the path to open (the exact bytes when no prefix was
+/// removed; names from inside images are UTF-8 strings), and the sandbox it
+/// is parsed in: files it names may be opened only in its own directory and
+/// the configured `allow_paths`.
+pub(crate) fn command_line_image(
+    filename: &OsStr,
+    config: &Config,
+    timeout: Duration,
+) -> Result<(String, PathBuf, SandboxConfig), CliError> {
+    let lossy = filename.to_string_lossy().into_owned();
+    let name = plain_name(&lossy)?.to_string();
+    let path = if name.len() == lossy.len() {
+        PathBuf::from(filename)
+    } else {
+        PathBuf::from(&name)
+    };
+    let mut allow = Vec::new();
+    if let Some(dir) = path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        allow.push(dir);
+    }
+    allow.extend(canonical_dirs(&config.allow_paths));
+    let sandbox = SandboxConfig {
+        memory_bytes: config.memory_mib.saturating_mul(1024 * 1024),
+        timeout,
+        allow_dirs: allow,
+    };
+    Ok((name, path, sandbox))
+}
+
 /// Run `info` and return what goes to stdout.
 pub fn run(call: &InfoCall) -> Result<Vec<u8>, CliError> {
     let args = call.args;
@@ -175,30 +209,9 @@ pub fn run(call: &InfoCall) -> Result<Vec<u8>, CliError> {
             "--object is not supported (instar reads no secrets and needs none for info)".into(),
         ));
     }
-    let top_lossy = call.filename.to_string_lossy().into_owned();
-    let top_name = plain_name(&top_lossy)?.to_string();
-    // The exact bytes for opening the top image; names of backing files
-    // come from the image and are UTF-8 strings.
-    let top_path: PathBuf = if top_name.len() == top_lossy.len() {
-        PathBuf::from(&call.filename)
-    } else {
-        PathBuf::from(&top_name)
-    };
-
-    let mut allow = Vec::new();
-    if let Some(dir) = top_path
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
-        allow.push(dir);
-    }
-    allow.extend(canonical_dirs(&call.config.allow_paths));
-    let sandbox = SandboxConfig {
-        memory_bytes: call.config.memory_mib.saturating_mul(1024 * 1024),
-        timeout: call.timeout,
-        allow_dirs: allow.clone(),
-    };
+    let (top_name, top_path, sandbox) =
+        command_line_image(&call.filename, call.config, call.timeout)?;
+    let allow = sandbox.allow_dirs.clone();
 
     let mut dicts = Vec::new();
     let mut seen_names: HashSet<String> = HashSet::new();

@@ -5,13 +5,12 @@
 use crate::cli::{MapArgs, OutputFormat};
 use crate::config::Config;
 use crate::error::CliError;
-use crate::info::{canonical_dirs, could_not_open, open_plain, plain_name, vmm_error};
+use crate::info::{command_line_image, could_not_open, open_plain, vmm_error};
 use crate::profile::OutputProfile;
-use instar_vmm::{OpenedFile, SandboxConfig};
+use instar_vmm::OpenedFile;
 use instar_wire::{ErrorKind, MapEntry, MapResult, Request, Response};
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Most entries one run returns. The guest's response is bounded by the
@@ -122,27 +121,7 @@ pub fn run(call: &MapCall) -> Result<Vec<u8>, CliError> {
             "--object is not supported (instar reads no secrets)".into(),
         ));
     }
-    let lossy = call.filename.to_string_lossy().into_owned();
-    let name = plain_name(&lossy)?.to_string();
-    let path: PathBuf = if name.len() == lossy.len() {
-        PathBuf::from(&call.filename)
-    } else {
-        PathBuf::from(&name)
-    };
-    let mut allow = Vec::new();
-    if let Some(dir) = path
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
-        allow.push(dir);
-    }
-    allow.extend(canonical_dirs(&call.config.allow_paths));
-    let sandbox = SandboxConfig {
-        memory_bytes: call.config.memory_mib.saturating_mul(1024 * 1024),
-        timeout: call.timeout,
-        allow_dirs: allow,
-    };
+    let (name, path, sandbox) = command_line_image(&call.filename, call.config, call.timeout)?;
     let file = open_plain(&name, &path, call.profile)?;
     let root = OpenedFile {
         display_name: name.clone(),

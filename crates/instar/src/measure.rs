@@ -7,14 +7,13 @@ use crate::cli::{OutputFormat, UsageError};
 use crate::config::Config;
 use crate::error::CliError;
 use crate::getopt::{self, HasArg, LongOpt, Spec};
-use crate::info::{canonical_dirs, could_not_open, open_plain, plain_name, vmm_error};
+use crate::info::{command_line_image, could_not_open, open_plain, vmm_error};
 use crate::profile::{OutputProfile, QemuVersion, UsageStyle};
 use crate::qobject::QDict;
 use instar_engine::measure::{self as engine, MeasureError, SizeError};
-use instar_vmm::{OpenedFile, SandboxConfig};
+use instar_vmm::OpenedFile;
 use instar_wire::{ErrorKind, MeasureInfo, Request, Response};
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Parsed `measure` arguments.
@@ -397,27 +396,7 @@ fn run_file(
     target: Result<instar_wire::MeasureTarget, MeasureError>,
     output: OutputFormat,
 ) -> Result<Vec<u8>, CliError> {
-    let lossy = filename.to_string_lossy().into_owned();
-    let name = plain_name(&lossy)?.to_string();
-    let path: PathBuf = if name.len() == lossy.len() {
-        PathBuf::from(filename)
-    } else {
-        PathBuf::from(&name)
-    };
-    let mut allow = Vec::new();
-    if let Some(dir) = path
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
-        allow.push(dir);
-    }
-    allow.extend(canonical_dirs(&call.config.allow_paths));
-    let sandbox = SandboxConfig {
-        memory_bytes: call.config.memory_mib.saturating_mul(1024 * 1024),
-        timeout: call.timeout,
-        allow_dirs: allow,
-    };
+    let (name, path, sandbox) = command_line_image(filename, call.config, call.timeout)?;
     let file = open_plain(&name, &path, call.profile)?;
     let root = OpenedFile {
         display_name: name.clone(),
