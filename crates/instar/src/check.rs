@@ -8,12 +8,12 @@
 use crate::cli::{OutputFormat, UsageError};
 use crate::config::Config;
 use crate::error::CliError;
-use crate::getopt::{self, HasArg, LongOpt, Spec};
-use crate::info::{command_line_image, could_not_open, open_plain, vmm_error};
+use crate::getopt::{self, c, long, HasArg, LongOpt, Spec};
+use crate::info::{command_line_image, guest_error, open_plain, vmm_error};
 use crate::profile::{OutputProfile, UsageStyle};
 use crate::qobject::{QDict, QValue};
 use instar_vmm::OpenedFile;
-use instar_wire::{CheckResult, CheckStatus, ErrorKind, Request, Response};
+use instar_wire::{CheckResult, CheckStatus, Request, Response};
 use std::ffi::OsString;
 use std::io::Write;
 use std::time::Duration;
@@ -43,37 +43,29 @@ const OPT_OUTPUT: u32 = 256;
 const OPT_OBJECT: u32 = 258;
 const OPT_IMAGE_OPTS: u32 = 259;
 
-const fn c(ch: char) -> u32 {
-    ch as u32
-}
-
-const fn opt(name: &'static str, has_arg: HasArg, id: u32) -> LongOpt {
-    LongOpt { name, has_arg, id }
-}
-
 /// `img_check`'s long options before the rework, in qemu's table order.
 const LONG_CLASSIC: &[LongOpt] = &[
-    opt("help", HasArg::No, c('h')),
-    opt("format", HasArg::Required, c('f')),
-    opt("repair", HasArg::Required, c('r')),
-    opt("output", HasArg::Required, OPT_OUTPUT),
-    opt("object", HasArg::Required, OPT_OBJECT),
-    opt("image-opts", HasArg::No, OPT_IMAGE_OPTS),
-    opt("force-share", HasArg::No, c('U')),
+    long("help", HasArg::No, c('h')),
+    long("format", HasArg::Required, c('f')),
+    long("repair", HasArg::Required, c('r')),
+    long("output", HasArg::Required, OPT_OUTPUT),
+    long("object", HasArg::Required, OPT_OBJECT),
+    long("image-opts", HasArg::No, OPT_IMAGE_OPTS),
+    long("force-share", HasArg::No, c('U')),
 ];
 
 /// After the rework (Debian 10.0.2: `--o` is ambiguous between
 /// `--output` and `--object`, listed in that order).
 const LONG_REWORKED: &[LongOpt] = &[
-    opt("help", HasArg::No, c('h')),
-    opt("quiet", HasArg::No, c('q')),
-    opt("format", HasArg::Required, c('f')),
-    opt("image-opts", HasArg::No, OPT_IMAGE_OPTS),
-    opt("cache", HasArg::Required, c('T')),
-    opt("force-share", HasArg::No, c('U')),
-    opt("output", HasArg::Required, OPT_OUTPUT),
-    opt("repair", HasArg::Required, c('r')),
-    opt("object", HasArg::Required, OPT_OBJECT),
+    long("help", HasArg::No, c('h')),
+    long("quiet", HasArg::No, c('q')),
+    long("format", HasArg::Required, c('f')),
+    long("image-opts", HasArg::No, OPT_IMAGE_OPTS),
+    long("cache", HasArg::Required, c('T')),
+    long("force-share", HasArg::No, c('U')),
+    long("output", HasArg::Required, OPT_OUTPUT),
+    long("repair", HasArg::Required, c('r')),
+    long("object", HasArg::Required, OPT_OBJECT),
 ];
 
 fn spec(style: UsageStyle) -> Spec {
@@ -327,16 +319,7 @@ pub fn run(call: &CheckCall) -> Result<Vec<u8>, CliError> {
     let outcome = instar_vmm::run(&sandbox, root, &request).map_err(vmm_error)?;
     let result = match outcome.response {
         Response::Check(c) => c,
-        Response::Error(e) => {
-            for line in &e.warnings {
-                eprintln!("qemu-img: {line}");
-            }
-            return Err(match e.kind {
-                ErrorKind::Operation => CliError::Qemu(e.message),
-                ErrorKind::Limit => CliError::Instar(e.message),
-                ErrorKind::Open | ErrorKind::Refused => could_not_open(&name, &e.message),
-            });
-        }
+        Response::Error(e) => return Err(guest_error(&name, e)),
         _ => {
             return Err(CliError::Instar(
                 "internal error: the guest answered check with another result".into(),

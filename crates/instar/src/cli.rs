@@ -5,7 +5,7 @@
 //! taken out first, wherever they stand before a `--`, so the rest is
 //! exactly qemu-img's grammar and its errors read exactly like qemu-img's.
 
-use crate::getopt::{self, Failure, HasArg, LongOpt, Spec};
+use crate::getopt::{self, c, Failure, HasArg, LongOpt, Spec};
 use crate::profile::UsageStyle;
 
 /// instar's own options, accepted before or after the command.
@@ -174,10 +174,6 @@ const OPT_BACKING_CHAIN: u32 = 257;
 const OPT_OBJECT: u32 = 258;
 const OPT_IMAGE_OPTS: u32 = 259;
 const OPT_LIMITS: u32 = 260;
-
-const fn c(ch: char) -> u32 {
-    ch as u32
-}
 
 /// qemu-img main's options.
 const MAIN_LONG: &[LongOpt] = &[

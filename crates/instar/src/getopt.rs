@@ -25,6 +25,16 @@ pub struct LongOpt {
     pub id: u32,
 }
 
+/// A long option (for the per-command option tables).
+pub const fn long(name: &'static str, has_arg: HasArg, id: u32) -> LongOpt {
+    LongOpt { name, has_arg, id }
+}
+
+/// The option id of a short option letter.
+pub const fn c(ch: char) -> u32 {
+    ch as u32
+}
+
 /// A parser specification.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec {

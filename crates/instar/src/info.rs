@@ -9,7 +9,7 @@ use crate::paths;
 use crate::profile::OutputProfile;
 use crate::render::{self, FileFacts, ImageView};
 use instar_vmm::{OpenedFile, SandboxConfig, VmmError};
-use instar_wire::{ErrorKind, ImageInfo, Request, Response};
+use instar_wire::{ErrorKind, ImageError, ImageInfo, Request, Response};
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::MetadataExt;
@@ -149,6 +149,19 @@ pub(crate) fn vmm_error(e: VmmError) -> CliError {
     match e {
         // The VMM's messages already name /dev/kvm and what is needed.
         VmmError::NoKvm(m) | VmmError::Failed(m) => CliError::Instar(m),
+    }
+}
+
+/// A guest's error for check and map: qemu-img's stderr lines first, then
+/// the message as qemu-img words it (instar's own limits as `instar:`).
+pub(crate) fn guest_error(name: &str, e: ImageError) -> CliError {
+    for line in &e.warnings {
+        eprintln!("qemu-img: {line}");
+    }
+    match e.kind {
+        ErrorKind::Operation => CliError::Qemu(e.message),
+        ErrorKind::Limit => CliError::Instar(e.message),
+        ErrorKind::Open | ErrorKind::Refused => could_not_open(name, &e.message),
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::cli::{MapArgs, OutputFormat};
 use crate::config::Config;
 use crate::error::CliError;
-use crate::info::{command_line_image, could_not_open, open_plain, vmm_error};
+use crate::info::{command_line_image, guest_error, open_plain, vmm_error};
 use crate::profile::OutputProfile;
 use instar_vmm::OpenedFile;
 use instar_wire::{ErrorKind, MapEntry, MapResult, Request, Response};
@@ -143,16 +143,7 @@ pub fn run(call: &MapCall) -> Result<Vec<u8>, CliError> {
     let outcome = instar_vmm::run(&sandbox, root, &request).map_err(vmm_error)?;
     let result: MapResult = match outcome.response {
         Response::Map(m) => m,
-        Response::Error(e) => {
-            for line in &e.warnings {
-                eprintln!("qemu-img: {line}");
-            }
-            return Err(match e.kind {
-                ErrorKind::Operation => CliError::Qemu(e.message),
-                ErrorKind::Limit => CliError::Instar(e.message),
-                ErrorKind::Open | ErrorKind::Refused => could_not_open(&name, &e.message),
-            });
-        }
+        Response::Error(e) => return Err(guest_error(&name, e)),
         _ => {
             return Err(CliError::Instar(
                 "internal error: the guest answered map with another result".into(),

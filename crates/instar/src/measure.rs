@@ -6,7 +6,7 @@
 use crate::cli::{OutputFormat, UsageError};
 use crate::config::Config;
 use crate::error::CliError;
-use crate::getopt::{self, HasArg, LongOpt, Spec};
+use crate::getopt::{self, c, long, HasArg, LongOpt, Spec};
 use crate::info::{command_line_image, could_not_open, open_plain, vmm_error};
 use crate::profile::{OutputProfile, QemuVersion, UsageStyle};
 use crate::qobject::QDict;
@@ -46,53 +46,45 @@ const OPT_OBJECT: u32 = 258;
 const OPT_OUTPUT: u32 = 256;
 const OPT_SIZE: u32 = 261;
 
-const fn c(ch: char) -> u32 {
-    ch as u32
-}
-
-const fn lo(name: &'static str, has_arg: HasArg, id: u32) -> LongOpt {
-    LongOpt { name, has_arg, id }
-}
-
 /// qemu-img up to 9.x (and 10.0 without Debian's patch): `img_measure`'s
 /// table.
 const LONG_CLASSIC: &[LongOpt] = &[
-    lo("help", HasArg::No, c('h')),
-    lo("image-opts", HasArg::No, OPT_IMAGE_OPTS),
-    lo("object", HasArg::Required, OPT_OBJECT),
-    lo("output", HasArg::Required, OPT_OUTPUT),
-    lo("size", HasArg::Required, OPT_SIZE),
-    lo("force-share", HasArg::No, c('U')),
+    long("help", HasArg::No, c('h')),
+    long("image-opts", HasArg::No, OPT_IMAGE_OPTS),
+    long("object", HasArg::Required, OPT_OBJECT),
+    long("output", HasArg::Required, OPT_OUTPUT),
+    long("size", HasArg::Required, OPT_SIZE),
+    long("force-share", HasArg::No, c('U')),
 ];
 /// Debian's 10.0.2 (the options rework backport): its ambiguity lists
 /// (`--s`: snapshot, size; `--o`: options, object, output) give the order.
 const LONG_REWORKED: &[LongOpt] = &[
-    lo("help", HasArg::No, c('h')),
-    lo("target-format", HasArg::Required, c('O')),
-    lo("format", HasArg::Required, c('f')),
-    lo("image-opts", HasArg::No, OPT_IMAGE_OPTS),
-    lo("options", HasArg::Required, c('o')),
-    lo("snapshot", HasArg::Required, c('l')),
-    lo("object", HasArg::Required, OPT_OBJECT),
-    lo("output", HasArg::Required, OPT_OUTPUT),
-    lo("size", HasArg::Required, OPT_SIZE),
-    lo("force-share", HasArg::No, c('U')),
+    long("help", HasArg::No, c('h')),
+    long("target-format", HasArg::Required, c('O')),
+    long("format", HasArg::Required, c('f')),
+    long("image-opts", HasArg::No, OPT_IMAGE_OPTS),
+    long("options", HasArg::Required, c('o')),
+    long("snapshot", HasArg::Required, c('l')),
+    long("object", HasArg::Required, OPT_OBJECT),
+    long("output", HasArg::Required, OPT_OUTPUT),
+    long("size", HasArg::Required, OPT_SIZE),
+    long("force-share", HasArg::No, c('U')),
 ];
 /// Upstream 10.1+ (from qemu's source; not verified against a binary).
 const LONG_UPSTREAM: &[LongOpt] = &[
-    lo("help", HasArg::No, c('h')),
-    lo("source-format", HasArg::Required, c('f')),
-    lo("format", HasArg::Required, c('f')),
-    lo("image-opts", HasArg::No, OPT_IMAGE_OPTS),
-    lo("source-image-opts", HasArg::No, OPT_IMAGE_OPTS),
-    lo("snapshot", HasArg::Required, c('l')),
-    lo("target-format", HasArg::Required, c('O')),
-    lo("target-format-options", HasArg::Required, c('o')),
-    lo("options", HasArg::Required, c('o')),
-    lo("force-share", HasArg::No, c('U')),
-    lo("output", HasArg::Required, OPT_OUTPUT),
-    lo("object", HasArg::Required, OPT_OBJECT),
-    lo("size", HasArg::Required, c('s')),
+    long("help", HasArg::No, c('h')),
+    long("source-format", HasArg::Required, c('f')),
+    long("format", HasArg::Required, c('f')),
+    long("image-opts", HasArg::No, OPT_IMAGE_OPTS),
+    long("source-image-opts", HasArg::No, OPT_IMAGE_OPTS),
+    long("snapshot", HasArg::Required, c('l')),
+    long("target-format", HasArg::Required, c('O')),
+    long("target-format-options", HasArg::Required, c('o')),
+    long("options", HasArg::Required, c('o')),
+    long("force-share", HasArg::No, c('U')),
+    long("output", HasArg::Required, OPT_OUTPUT),
+    long("object", HasArg::Required, OPT_OBJECT),
+    long("size", HasArg::Required, c('s')),
 ];
 
 fn spec(style: UsageStyle) -> Spec {
