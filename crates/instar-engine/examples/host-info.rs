@@ -62,6 +62,7 @@ fn main() {
     };
     let response = instar_engine::handle(
         &mut files,
+        &mut instar_formats::write::NoOutputs,
         &Request::Info {
             format,
             filename: name,

@@ -11,12 +11,21 @@ pub mod info;
 pub mod map;
 pub mod measure;
 
+use instar_formats::write::Sink;
 use instar_formats::Files;
-use instar_wire::{Request, Response};
+use instar_wire::{ImageError, Request, Response};
 
-/// Carry out one request.
-pub fn handle(files: &mut dyn Files, request: &Request) -> Response {
+/// Carry out one request. `sink` holds the output files of requests that
+/// write (convert); other requests never touch it.
+pub fn handle(files: &mut dyn Files, sink: &mut dyn Sink, request: &Request) -> Response {
     match request {
+        Request::Convert { .. } => {
+            let _ = sink;
+            Response::Error(ImageError::limit("convert is not implemented yet"))
+        }
+        Request::Compare { .. } => {
+            Response::Error(ImageError::limit("compare is not implemented yet"))
+        }
         Request::Info { format, filename } => {
             match info::info(files, format.as_deref(), filename) {
                 Ok(info) => Response::Info(info),

@@ -18,6 +18,7 @@ pub mod files;
 mod hostile;
 pub mod limits;
 pub mod map;
+pub mod write;
 pub mod probe;
 
 pub mod bochs;

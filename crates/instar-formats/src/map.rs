@@ -101,6 +101,18 @@ pub trait MapImage {
     /// The run starting at guest `offset`, at most `len` bytes long
     /// (`offset + len <= virtual_size`, `len > 0`).
     fn block_status(&mut self, files: &mut dyn Files, offset: u64, len: u64) -> Result<Extent>;
+    /// Fill `buf` with the guest bytes at `offset` of a run that
+    /// [`MapImage::block_status`] reported as [`Mapping::Compressed`] or
+    /// [`Mapping::Opaque`] (decompress, decrypt, or whatever the format
+    /// needs). `buf` never extends past that run. Plain data is read by the
+    /// caller at its [`HostRef`]; zeros are not read at all.
+    fn read(&mut self, files: &mut dyn Files, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _ = (files, offset, buf);
+        Err(ImageError::limit(format!(
+            "reading {} data that is not stored plainly is not implemented yet",
+            self.format()
+        )))
+    }
 }
 
 /// What the file layer adds to a [`Mapping::Data`] run with

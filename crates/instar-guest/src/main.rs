@@ -286,7 +286,7 @@ pub extern "C" fn _start(mailbox_addr: u64) -> ! {
         Some(bytes) => match postcard::from_bytes::<Request>(bytes) {
             Ok(request) => {
                 let mut files = MailboxFiles::new(mailbox, mailbox.root_length());
-                instar_engine::handle(&mut files, &request)
+                instar_engine::handle(&mut files, &mut instar_formats::write::NoOutputs, &request)
             }
             Err(_) => Response::Error(ImageError::operation("internal error: undecodable request")),
         },

@@ -259,6 +259,10 @@ impl HostMailbox {
                     .ok_or_else(|| violation(format!("hole map of unknown file id {file}")))?;
                 Ok(HostReply::DataExtents(data_extents(&f.file, offset)))
             }
+            HostCall::SetOutputLength { file, .. } => {
+                Err(violation(format!("length of unknown output {file}")))
+            }
+            HostCall::Progress { .. } => Ok(HostReply::Done),
         }
     }
 }

@@ -15,6 +15,7 @@
 extern crate alloc;
 
 pub mod check;
+pub mod convert;
 pub mod info;
 pub mod mailbox;
 pub mod map;
@@ -25,6 +26,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 pub use check::*;
+pub use convert::{CompareResult, ConvertResult, ConvertSource, ConvertTarget, OutId};
 pub use info::*;
 pub use map::{MapEntry, MapResult};
 pub use measure::{MeasureFormat, MeasureInfo, MeasureResult, MeasureTarget};
@@ -82,6 +84,44 @@ pub enum Request {
         /// Backing files the guest may open below the image.
         max_chain_depth: u32,
     },
+    /// `qemu-img convert`: sources are files `0..sources.len()`, the
+    /// outputs were created by the host (see [`convert`]).
+    Convert {
+        /// The sources, concatenated in order.
+        sources: Vec<ConvertSource>,
+        /// What to write.
+        target: ConvertTarget,
+        /// Names of the output files the host created, by [`OutId`]: the
+        /// writer may refer to them (e.g. in a vmdk descriptor).
+        outputs: Vec<String>,
+        /// `-S` in bytes: runs of zeros at least this long (aligned to it)
+        /// are not written; 0 turns zero detection off.
+        sparse_size: u64,
+        /// `-l`: read this internal snapshot instead of the active state.
+        snapshot: Option<String>,
+        /// `-B` given: copy only what the top image of the source holds
+        /// (the rest comes from the target's backing file).
+        target_has_backing: bool,
+        /// Backing files the guest may open below each source.
+        max_chain_depth: u32,
+        /// `-p`: report progress through [`HostCall::Progress`].
+        progress: bool,
+    },
+    /// `qemu-img compare A B`: A is file 0, B is file 1.
+    Compare {
+        /// `-f` for A, or `None` to probe.
+        format_a: Option<String>,
+        /// `-F` for B, or `None` to probe.
+        format_b: Option<String>,
+        /// A's name as given.
+        filename_a: String,
+        /// B's name as given.
+        filename_b: String,
+        /// `-s`: strict (sizes must match, allocation must match).
+        strict: bool,
+        /// Backing files the guest may open below each image.
+        max_chain_depth: u32,
+    },
     /// `qemu-img check` of [`ROOT_FILE`] (no repair).
     Check {
         /// `-f FMT`, or `None` to probe.
@@ -102,6 +142,11 @@ pub enum Response {
     Measure(MeasureResult),
     /// Result of [`Request::Check`].
     Check(CheckResult),
+    /// Result of [`Request::Convert`].
+    Convert(ConvertResult),
+    /// Result of [`Request::Compare`]: the lines and exit code qemu-img
+    /// gives (built in the guest, see instar-engine's compare).
+    Compare(CompareResult),
     /// The operation failed; the error is what qemu-img would report.
     Error(ImageError),
 }
@@ -195,6 +240,21 @@ pub enum HostCall {
         /// Start of the scan.
         offset: u64,
     },
+    /// Set the length of output `file` (ftruncate; for formats whose last
+    /// bytes are holes).
+    SetOutputLength {
+        /// An output of this run.
+        file: OutId,
+        /// New length (within the host's output limit).
+        length: u64,
+    },
+    /// `-p`: the guest has converted `done` of `total` units.
+    Progress {
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+    },
 }
 
 /// The host's answer to a [`HostCall`].
@@ -211,6 +271,8 @@ pub enum HostReply {
     Failed(ImageError),
     /// Answer to [`HostCall::DataExtents`].
     DataExtents(DataExtents),
+    /// The call worked and has nothing to say.
+    Done,
 }
 
 /// Data ranges of a file between `offset` and `scanned_to`; everything else

@@ -66,13 +66,17 @@ pub const PORT_CALL: u16 = 0x11;
 /// `out` here: the run is over; a postcard [`crate::Response`] is at
 /// `msg_addr`/`msg_len` (anywhere in guest RAM, e.g. the heap).
 pub const PORT_DONE: u16 = 0x12;
+/// `out` here: write `length` bytes of guest memory at `buffer` to output
+/// `file` (an [`crate::OutId`]) at `offset`. `status` gets 0 or an errno
+/// value. The host refuses writes beyond its output limit.
+pub const PORT_WRITE: u16 = 0x14;
 /// `out` here: the guest panicked; UTF-8 text at `msg_addr`/`msg_len`.
 pub const PORT_PANIC: u16 = 0x13;
 
 /// `MailboxHeader::magic`: "INSTARMB" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"INSTARMB");
 /// Version of this layout and protocol; bump on any change.
-pub const PROTOCOL_VERSION: u64 = 1;
+pub const PROTOCOL_VERSION: u64 = 2;
 
 /// `status` of a call that worked.
 pub const STATUS_OK: u64 = 0;
