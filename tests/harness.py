@@ -100,6 +100,9 @@ class Config:
             "qemu_img_version_text": self.qemu_version_text,
             "testdata": str(self.testdata),
             "instar_gets_qemu_version_flag": self.pass_qemu_version,
+            # Set by tools/test-package-functional.sh for matrix entries.
+            "distribution": os.environ.get("INSTAR_TEST_DISTRO"),
+            "package": os.environ.get("INSTAR_TEST_PACKAGE"),
         }
 
 

@@ -5,6 +5,11 @@
 #                                                  of a distro root, run it
 #   tools/test-package-install.sh --check-only PACKAGE
 #                                                  check the package file only
+#   tools/test-package-install.sh --install-only PACKAGE DISTRO DEST
+#                                                  checks and install, no
+#                                                  smoke: leave the root at
+#                                                  DEST (for the full suite,
+#                                                  tools/test-package-functional.sh)
 #
 # PACKAGE is a .deb or an .rpm from tools/package.sh; DISTRO a root name of
 # tools/distro-root.sh (built or reused under ${INSTAR_CACHE:-.cache}/roots).
@@ -34,16 +39,19 @@ say() { printf 'test-package-install: %s\n' "$*" >&2; }
 fail() { say "FAIL: $*"; exit 1; }
 
 check_only=0
-if [[ ${1:-} == --check-only ]]; then
-    check_only=1
-    shift
-fi
-if ((check_only)) && [[ $# -ne 1 ]] || ((!check_only)) && [[ $# -ne 2 ]]; then
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2
+install_only=0
+case ${1:-} in
+--check-only) check_only=1; shift ;;
+--install-only) install_only=1; shift ;;
+esac
+if ((check_only)) && [[ $# -ne 1 ]] || ((install_only)) && [[ $# -ne 3 ]] ||
+    ((!check_only && !install_only)) && [[ $# -ne 2 ]]; then
+    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 PKG=$(realpath "$1")
 DISTRO=${2:-}
+DEST=${3:-}
 [[ -f $PKG ]] || fail "no such package: $1"
 case $PKG in
     *.deb) kind=deb ;;
@@ -145,7 +153,7 @@ if [[ $kind == deb ]]; then
     field_is Suggests "$(f Suggests)" qemu-utils
     [[ $(f Description) == *qemu-img* ]] || fail "Description does not say what instar is"
     [[ -n $(f Maintainer) ]] || fail "no Maintainer"
-    [[ -n $(f Homepage) ]] || say "WARNING: the .deb has no Homepage (crates/instar/Cargo.toml [package] needs repository.workspace = true)"
+    [[ $(f Homepage) == https://* ]] || fail "the .deb's Homepage is '$(f Homepage)'"
     if ((!check_only)) && [[ ${INSTAR_LINTIAN:-} != 1 ]]; then
         : # ~30 s; tools/package.sh runs it once (--check-only)
     elif command -v lintian >/dev/null; then
@@ -218,6 +226,12 @@ done <"$WORK/expected"
 for gz in "$ROOT"/usr/share/man/man1/instar*.gz; do
     gzip -t "$gz" || fail "broken man page $gz"
 done
+if ((install_only)); then
+    [[ ! -e $DEST ]] || fail "$DEST exists"
+    mv "$ROOT" "$DEST"
+    say "installed into $DEST"
+    exit 0
+fi
 
 # --- run it inside the root ---------------------------------------------
 printf '%s\n' "${implemented[@]}" >"$WORK/implemented"
