@@ -7,6 +7,8 @@ qemu-img; then a summary table.
     tools/matrix.py --distros debian-bookworm,ubuntu-noble
     tools/matrix.py --packages DIR        # reuse built packages
     tools/matrix.py -- -k info            # pytest arguments for every entry
+    tools/matrix.py --summarize DIR       # only the table, from DIR/*.json
+                                          # (the GitHub workflow's summary)
 
 Packages come from tools/package.sh (built unless --packages names a
 directory holding instar_*.deb and instar-*.rpm). Each .deb entry runs
@@ -61,13 +63,55 @@ def build_packages() -> Path:
     return Path(debs[0]).parent
 
 
+def row_from(result: Path, entry: str, rc: int, seconds) -> dict:
+    row = {"entry": entry, "rc": rc, "seconds": seconds}
+    if result.exists():
+        s = json.loads(result.read_text())
+        t = s.get("totals", {})
+        row.update(
+            qemu=s.get("qemu_img_version"),
+            passed=t.get("passed", 0),
+            failed=t.get("failed", 0) + t.get("error", 0),
+            skipped=t.get("skipped", 0),
+            xfailed=t.get("xfailed", 0),
+        )
+        if rc is None:
+            row["rc"] = s.get("exit_status", 1)
+    elif rc is None:
+        row["rc"] = 1
+    return row
+
+
+def table(rows: list) -> str:
+    lines = [
+        "| entry | qemu-img | passed | failed | skipped | xfailed | time | result |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        secs = "-" if r["seconds"] is None else f"{r['seconds']} s"
+        lines.append(
+            f"| {r['entry']} | {r.get('qemu', '?')} | {r.get('passed', '-')} | {r.get('failed', '-')} "
+            f"| {r.get('skipped', '-')} | {r.get('xfailed', '-')} | {secs} "
+            f"| {'PASS' if r['rc'] == 0 else 'FAIL'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--distros", help="comma-separated .deb entries (default: all)")
     ap.add_argument("--no-rpm", action="store_true", help="skip the .rpm entry")
     ap.add_argument("--packages", type=Path, help="directory with built packages")
+    ap.add_argument("--summarize", type=Path, metavar="DIR", help="print the table of DIR/*.json")
     ap.add_argument("pytest_args", nargs="*")
     a = ap.parse_args()
+    if a.summarize:
+        rows = [row_from(p, p.stem, None, None) for p in sorted(a.summarize.glob("*.json"))]
+        if not rows:
+            print(f"no results in {a.summarize}")
+            return 1
+        print(table(rows), end="")
+        return 0 if all(r["rc"] == 0 for r in rows) else 1
     distros = a.distros.split(",") if a.distros else DEB_ENTRIES
     pkg_dir = a.packages or build_packages()
     deb, rpm = find(pkg_dir, "instar_*.deb"), None
@@ -86,33 +130,11 @@ def main() -> int:
         rc = subprocess.call(
             [str(REPO / "tools/test-package-functional.sh"), str(pkg), distro, *a.pytest_args]
         )
-        secs = time.time() - t0
-        row = {"entry": f"{distro} ({kind})", "rc": rc, "seconds": round(secs)}
-        if result.exists():
-            s = json.loads(result.read_text())
-            t = s.get("totals", {})
-            row.update(
-                qemu=s.get("qemu_img_version"),
-                passed=t.get("passed", 0),
-                failed=t.get("failed", 0) + t.get("error", 0),
-                skipped=t.get("skipped", 0),
-                xfailed=t.get("xfailed", 0),
-            )
-        rows.append(row)
-    lines = [
-        "| entry | qemu-img | passed | failed | skipped | xfailed | time | result |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['entry']} | {r.get('qemu', '?')} | {r.get('passed', '-')} | {r.get('failed', '-')} "
-            f"| {r.get('skipped', '-')} | {r.get('xfailed', '-')} | {r['seconds']} s "
-            f"| {'PASS' if r['rc'] == 0 else 'FAIL'} |"
-        )
-    table = "\n".join(lines) + "\n"
-    (out_dir / "summary.md").write_text(table)
+        rows.append(row_from(result, f"{distro} ({kind})", rc, round(time.time() - t0)))
+    text = table(rows)
+    (out_dir / "summary.md").write_text(text)
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(table, end="")
+    print(text, end="")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

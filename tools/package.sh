@@ -3,6 +3,8 @@
 #
 #   tools/package.sh            build both, check them, print their paths
 #   tools/package.sh --no-check skip lintian and the rpm checks
+#   tools/package.sh --deb-only only the .deb (no cargo-generate-rpm: its
+#                               first install takes many minutes)
 #
 # 1. the packaging tools (cargo-deb, cargo-generate-rpm) are installed once
 #    with `cargo install --locked` into ${INSTAR_CACHE:-.cache}/tools and
@@ -27,10 +29,12 @@ TRIPLE=x86_64-unknown-linux-musl
 CARGO_DEB_VERSION=3.8.0
 CARGO_GENERATE_RPM_VERSION=0.21.1
 check=1
+rpm_too=1
 for a in "$@"; do
     case $a in
         --no-check) check=0 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --deb-only) rpm_too=0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "package.sh: unknown argument '$a'" >&2; exit 2 ;;
     esac
 done
@@ -58,7 +62,9 @@ install_tool() { # crate version binary
 (
     flock 9
     install_tool cargo-deb "$CARGO_DEB_VERSION" cargo-deb
-    install_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION" cargo-generate-rpm
+    if ((rpm_too)); then
+        install_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION" cargo-generate-rpm
+    fi
 ) 9>"$TOOLS/.lock"
 
 # --- 2. static binary ---------------------------------------------------
@@ -144,18 +150,20 @@ mkdir -p "$PKG_DIR"
 rm -f "$PKG_DIR"/instar_*.deb "$PKG_DIR"/instar-*.rpm "$PKG_DIR/SHA256SUMS"
 s=$(date +%s)
 cargo deb -p instar --no-build --no-strip --target "$TRIPLE" --output "$PKG_DIR" >&2
-cargo generate-rpm -p crates/instar --target "$TRIPLE" --output "$PKG_DIR/" \
-    --source-date "$SOURCE_DATE_EPOCH" >&2
+if ((rpm_too)); then
+    cargo generate-rpm -p crates/instar --target "$TRIPLE" --output "$PKG_DIR/" \
+        --source-date "$SOURCE_DATE_EPOCH" >&2
+fi
 say "packaged in $(( $(date +%s) - s )) s"
 deb=$(ls "$PKG_DIR"/instar_*.deb)
-rpm=$(ls "$PKG_DIR"/instar-*.rpm)
-(cd "$PKG_DIR" && sha256sum "$(basename "$deb")" "$(basename "$rpm")" >SHA256SUMS)
+rpm=$( ((rpm_too)) && ls "$PKG_DIR"/instar-*.rpm || true)
+(cd "$PKG_DIR" && sha256sum "$(basename "$deb")" ${rpm:+"$(basename "$rpm")"} >SHA256SUMS)
 
 # --- 5. checks ----------------------------------------------------------
 if ((check)); then
     tools/test-package-install.sh --check-only "$deb"
-    tools/test-package-install.sh --check-only "$rpm"
+    if [[ -n $rpm ]]; then tools/test-package-install.sh --check-only "$rpm"; fi
 fi
 say "done in $(( $(date +%s) - t0 )) s"
 echo "$deb"
-echo "$rpm"
+if [[ -n $rpm ]]; then echo "$rpm"; fi

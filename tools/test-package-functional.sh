@@ -64,7 +64,7 @@ py=$("$REPO/tools/test-env.sh")
 results=$WORK/results
 set +e
 INSTAR_BINARY_PATH=$WORK/bin/instar QEMU_IMG=$WORK/bin/qemu-img \
-    INSTAR_TEST_RESULTS_DIR=$results INSTAR_TEST_DISTRO=$DISTRO INSTAR_TEST_PACKAGE=$(basename "$PKG") \
+    INSTAR_TRACED_PROGRAM=/usr/bin/instar INSTAR_TEST_RESULTS_DIR=$results INSTAR_TEST_DISTRO=$DISTRO INSTAR_TEST_PACKAGE=$(basename "$PKG") \
     "$py" -m pytest "$REPO/tests" -n "${INSTAR_TEST_JOBS:-auto}" -p no:cacheprovider -q "$@" \
     >"$WORK/pytest.log" 2>&1
 rc=$?
