@@ -302,7 +302,9 @@ class Mode:
 # `instar: map is not implemented` line). Chains that pass through another
 # format are left out by path.
 MAP_FORMATS = ("raw", "qcow2")
-MAP_OTHER_FORMAT_CHAINS = ("safe/chains/depth4-mixed/", "hostile/backing-loop/mixed.")
+MAP_OTHER_FORMAT_CHAINS = ("hostile/backing-loop/mixed.",)
+MAP_FORMATS += ("qed", "qcow", "parallels", "bochs", "cloop", "dmg", "luks")
+MAP_FORMATS += ("vmdk", "vpc", "vhdx", "vdi")
 
 
 def map_implemented(image: Image) -> bool:

@@ -14,6 +14,10 @@ def test_live(cfg, diff_case):
     expected = run_qemu(cfg, mode, image, style)
     if expected.rc is None:
         pytest.skip(f"qemu-img itself timed out after {cfg.timeout}s")
+    if expected.rc < 0:
+        # e.g. parallels-empty-1T map: qemu-img aborts on an assertion
+        # (the driver's int sector count overflows on a 1 TiB query).
+        pytest.skip(f"qemu-img itself died by signal {-expected.rc}")
     actual = run_instar(cfg, mode, image, style)
     assert_qemu_compatible(
         actual,

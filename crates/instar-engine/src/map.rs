@@ -33,10 +33,11 @@ pub struct MapParams<'a> {
     pub split_compressed: bool,
 }
 
-struct Layer {
-    image: Box<dyn MapImage>,
-    file: FileId,
-    name: String,
+/// One image of a backing chain (shared with `compare`).
+pub(crate) struct Layer {
+    pub(crate) image: Box<dyn MapImage>,
+    pub(crate) file: FileId,
+    pub(crate) name: String,
 }
 
 /// qemu's `path_combine` (absolute names as they are, others relative to
@@ -69,23 +70,28 @@ fn backing_error(e: ImageError) -> ImageError {
     }
 }
 
-/// Open the image and every backing file below it.
-fn open_chain(files: &mut dyn Files, p: &MapParams) -> Result<Vec<Layer>> {
-    let top = fmap::open(files, ROOT_FILE, p.format, p.filename)?;
+/// Open the image in `root` and every backing file below it.
+pub(crate) fn open_chain(
+    files: &mut dyn Files,
+    root: FileId,
+    format: Option<&str>,
+    filename: &str,
+    max_chain_depth: u32,
+) -> Result<Vec<Layer>> {
+    let top = fmap::open(files, root, format, filename)?;
     let mut chain = alloc::vec![Layer {
         image: top,
-        file: ROOT_FILE,
-        name: p.filename.into(),
+        file: root,
+        name: filename.into(),
     }];
     loop {
         let last = chain.last().expect("chain starts with the image");
         let Some((name, format)) = last.image.backing() else {
             break;
         };
-        if chain.len() > p.max_chain_depth as usize {
+        if chain.len() > max_chain_depth as usize {
             return Err(ImageError::limit(format!(
-                "backing chain is deeper than max_chain_depth ({}) at '{name}'",
-                p.max_chain_depth
+                "backing chain is deeper than max_chain_depth ({max_chain_depth}) at '{name}'"
             )));
         }
         let (name, format) = (String::from(name), format.map(String::from));
@@ -103,7 +109,7 @@ fn open_chain(files: &mut dyn Files, p: &MapParams) -> Result<Vec<Layer>> {
 
 /// qemu-img's `get_block_status`: the first layer that has the run
 /// decides; depth counts the layers passed.
-fn block_status(
+pub(crate) fn block_status(
     files: &mut dyn Files,
     chain: &mut [Layer],
     offset: u64,
@@ -233,7 +239,7 @@ impl Out {
 /// Map the image: open errors are returned as errors; errors during the
 /// walk end it, with what qemu-img would have printed before them.
 pub fn map(files: &mut dyn Files, p: &MapParams) -> Result<MapResult> {
-    let mut chain = open_chain(files, p)?;
+    let mut chain = open_chain(files, ROOT_FILE, p.format, p.filename, p.max_chain_depth)?;
     let size = chain[0].image.virtual_size();
     let can_compress = chain[0].image.can_compress();
     // Each image warns as it opens, the image before its backing files.

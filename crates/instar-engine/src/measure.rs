@@ -143,11 +143,15 @@ pub fn parse_size(s: &str) -> core::result::Result<u64, SizeError> {
 }
 
 /// The kind of one creation option (qemu's `QemuOptType`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum OptKind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptKind {
+    /// Any string.
     Str,
+    /// `on`/`off` (and qemu's other spellings).
     Bool,
+    /// An unsigned number (`qemu_strtou64`, base 0).
     Number,
+    /// A size with an optional suffix (`qemu_strtosz`).
     Size,
 }
 
@@ -182,6 +186,45 @@ const QCOW2_OPTS: &[(&str, OptKind)] = &[
 /// raw's creation options plus the file driver's.
 const RAW_OPTS: &[(&str, OptKind)] = &[
     ("size", OptKind::Size),
+    ("preallocation", OptKind::Str),
+    ("nocow", OptKind::Bool),
+    ("extent_size_hint", OptKind::Size),
+];
+
+/// vmdk's creation options plus the file driver's (qemu-img 10.0.2,
+/// `convert -O vmdk -o help FILE`).
+const VMDK_OPTS: &[(&str, OptKind)] = &[
+    ("size", OptKind::Size),
+    ("adapter_type", OptKind::Str),
+    ("backing_file", OptKind::Str),
+    ("backing_fmt", OptKind::Str),
+    ("compat6", OptKind::Bool),
+    ("hwversion", OptKind::Str),
+    ("toolsversion", OptKind::Str),
+    ("subformat", OptKind::Str),
+    ("zeroed_grain", OptKind::Bool),
+    ("preallocation", OptKind::Str),
+    ("nocow", OptKind::Bool),
+    ("extent_size_hint", OptKind::Size),
+];
+
+/// vpc's creation options plus the file driver's.
+const VPC_OPTS: &[(&str, OptKind)] = &[
+    ("size", OptKind::Size),
+    ("subformat", OptKind::Str),
+    ("force_size", OptKind::Bool),
+    ("preallocation", OptKind::Str),
+    ("nocow", OptKind::Bool),
+    ("extent_size_hint", OptKind::Size),
+];
+
+/// vhdx's creation options plus the file driver's.
+const VHDX_OPTS: &[(&str, OptKind)] = &[
+    ("size", OptKind::Size),
+    ("log_size", OptKind::Size),
+    ("block_size", OptKind::Size),
+    ("subformat", OptKind::Str),
+    ("block_state_zero", OptKind::Bool),
     ("preallocation", OptKind::Str),
     ("nocow", OptKind::Bool),
     ("extent_size_hint", OptKind::Size),
@@ -305,7 +348,8 @@ impl ParsedTarget {
     }
 }
 
-fn parse_bool(v: &str) -> Option<bool> {
+/// A qemu bool option value (`on`, `yes`, `true`, `y` and their negatives).
+pub fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "on" | "yes" | "true" | "y" => Some(true),
         "off" | "no" | "false" | "n" => Some(false),
@@ -315,7 +359,7 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// qemu's `qemu_strtou64(.., base 0)`: decimal, `0x` hex or `0` octal;
 /// a leading minus wraps around as strtoull does.
-fn parse_number(v: &str) -> Option<u64> {
+pub fn parse_number(v: &str) -> Option<u64> {
     let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
     let (neg, t) = match t.as_bytes().first() {
         Some(b'-') => (true, &t[1..]),
@@ -410,48 +454,76 @@ pub fn parse_target(
             return Err(MeasureError::Qemu(lines));
         }
     };
-    let mut opts = Vec::new();
-    if let Some(text) = options {
-        for (name, value) in split_options(text) {
-            let invalid = |first: String| {
-                MeasureError::Qemu(alloc::vec![
-                    first,
-                    format!("Invalid options for file format '{format}'"),
-                ])
-            };
-            let Some((_, kind)) = table.iter().find(|(n, _)| *n == name) else {
-                return Err(invalid(format!("Invalid parameter '{name}'")));
-            };
-            match kind {
-                OptKind::Str => {}
-                OptKind::Bool => {
-                    if parse_bool(&value).is_none() {
-                        return Err(invalid(format!("Parameter '{name}' expects 'on' or 'off'")));
-                    }
-                }
-                OptKind::Number => {
-                    if parse_number(&value).is_none() {
-                        return Err(invalid(format!("Parameter '{name}' expects a number")));
-                    }
-                }
-                OptKind::Size => match parse_size(&value) {
-                    Ok(_) => {}
-                    Err(SizeError::Range) => {
-                        return Err(invalid(format!(
-                            "Value '{value}' is out of range for parameter '{name}'"
-                        )))
-                    }
-                    Err(SizeError::Invalid) => {
-                        return Err(invalid(format!(
-                            "Parameter '{name}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
-                        )))
-                    }
-                },
-            }
-            opts.push((name, value));
-        }
-    }
+    let opts = match options {
+        Some(text) => check_options(table, text).map_err(|first| {
+            MeasureError::Qemu(alloc::vec![
+                first,
+                format!("Invalid options for file format '{format}'"),
+            ])
+        })?,
+        None => Vec::new(),
+    };
     Ok(ParsedTarget { driver, opts })
+}
+
+/// Split `-o` text (several `-o` joined with `,`) and check every option
+/// against `table` as `qemu_opts_do_parse` does: unknown names and values
+/// of the wrong type are refused with qemu's message (the first line only:
+/// `measure` and `convert` word what follows differently). Returns
+/// `(name, value)` in the order given; the last occurrence wins.
+pub fn check_options(
+    table: &[(&str, OptKind)],
+    text: &str,
+) -> core::result::Result<Vec<(String, String)>, String> {
+    let mut opts = Vec::new();
+    for (name, value) in split_options(text) {
+        let Some((_, kind)) = table.iter().find(|(n, _)| *n == name) else {
+            return Err(format!("Invalid parameter '{name}'"));
+        };
+        match kind {
+            OptKind::Str => {}
+            OptKind::Bool => {
+                if parse_bool(&value).is_none() {
+                    return Err(format!("Parameter '{name}' expects 'on' or 'off'"));
+                }
+            }
+            OptKind::Number => {
+                if parse_number(&value).is_none() {
+                    return Err(format!("Parameter '{name}' expects a number"));
+                }
+            }
+            OptKind::Size => match parse_size(&value) {
+                Ok(_) => {}
+                Err(SizeError::Range) => {
+                    return Err(format!(
+                        "Value '{value}' is out of range for parameter '{name}'"
+                    ))
+                }
+                Err(SizeError::Invalid) => {
+                    return Err(format!(
+                        "Parameter '{name}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+                    ))
+                }
+            },
+        }
+        opts.push((name, value));
+    }
+    Ok(opts)
+}
+
+/// The creation options `convert` and `measure` accept for `format` with a
+/// target file name (the driver's list plus the file protocol's, as qemu
+/// appends them), or `None` for formats instar cannot create.
+pub fn create_option_table(format: &str) -> Option<&'static [(&'static str, OptKind)]> {
+    Some(match format {
+        "raw" => RAW_OPTS,
+        "qcow2" => QCOW2_OPTS,
+        "luks" => LUKS_OPTS,
+        "vmdk" => VMDK_OPTS,
+        "vpc" => VPC_OPTS,
+        "vhdx" => VHDX_OPTS,
+        _ => return None,
+    })
 }
 
 /// The driver's own checks (qemu's `qcow2_measure` / `raw_measure` before

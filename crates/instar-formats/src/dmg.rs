@@ -142,6 +142,18 @@ pub fn info_with_diagnostics(
     filename: &str,
     diagnostics: &mut Vec<String>,
 ) -> Result<ImageInfo> {
+    walk(files, file, filename, diagnostics, None).map(|(info, _)| info)
+}
+
+/// qemu's open: the trailer, then every mish block; the chunks qemu keeps
+/// go to `chunks` when given.
+fn walk(
+    files: &mut dyn Files,
+    file: FileId,
+    filename: &str,
+    diagnostics: &mut Vec<String>,
+    chunks: Option<&mut Vec<Chunk>>,
+) -> Result<(ImageInfo, u32)> {
     let einval = || open_errno(filename, EINVAL);
     let koly_at = find_koly(files, file)?;
     let mut t = [0u8; KOLY_SIZE];
@@ -168,6 +180,10 @@ pub fn info_with_diagnostics(
         warned_lzfse: false,
         warned_unknown: false,
         diagnostics,
+        data_fork_offset: k.data_fork_offset,
+        out_offset: 0,
+        in_offset: 0,
+        chunks,
     };
     let walked = if k.rsrc_fork_length != 0 {
         tables.resource_fork(files, file, k.rsrc_fork_offset, k.rsrc_fork_length)
@@ -182,13 +198,15 @@ pub fn info_with_diagnostics(
         Err(Fail::Other(e)) => return Err(e),
     }
 
+    let n_chunks = tables.n_chunks;
     let virtual_size = block::virtual_size(total_sectors, filename)?;
-    Ok(ImageInfo {
+    let info = ImageInfo {
         format: "dmg".into(),
         virtual_size,
         children: block::single_child(file),
         ..ImageInfo::default()
-    })
+    };
+    Ok((info, n_chunks))
 }
 
 /// The trailer's offset: qemu looks for "koly" in the 515 bytes ending 511
@@ -227,6 +245,28 @@ struct Tables<'d> {
     warned_lzfse: bool,
     warned_unknown: bool,
     diagnostics: &'d mut Vec<String>,
+    data_fork_offset: u64,
+    /// The current mish block's first sector and data fork offset.
+    out_offset: u64,
+    in_offset: u64,
+    /// Where the kept chunks go, for reads.
+    chunks: Option<&'d mut Vec<Chunk>>,
+}
+
+/// One chunk as qemu keeps it: type, first sector, sector count, and the
+/// bytes in the file that hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// UDZE, UDRW, UDIG or UDZO.
+    pub kind: u32,
+    /// First guest sector.
+    pub sector: u64,
+    /// Guest sectors.
+    pub count: u64,
+    /// File offset of the (compressed) data.
+    pub offset: u64,
+    /// Bytes of it.
+    pub length: u64,
 }
 
 /// Where a mish block's bytes are.
@@ -347,6 +387,10 @@ impl Tables<'_> {
         if be32(&h, 0) != MISH {
             return Ok(());
         }
+        // Chunk sectors count from the block's first sector, chunk data
+        // from the block's place in the data fork (qemu adds unchecked).
+        self.out_offset = be64(&h, 8);
+        self.in_offset = self.data_fork_offset.wrapping_add(be64(&h, 0x18));
         let chunk_count = (count - MISH_HEADER) / CHUNK_ENTRY;
         let mut buf = vec![0u8; DMG_ENTRIES_PER_READ * CHUNK_ENTRY as usize];
         let mut j = 0u32;
@@ -412,7 +456,211 @@ impl Tables<'_> {
             ));
             return Err(Fail::Errno(EINVAL));
         }
+        if let Some(chunks) = self.chunks.as_deref_mut() {
+            if chunks.len() >= crate::limits::DMG_MAX_CHUNKS {
+                return Err(Fail::Other(crate::ImageError::limit(format!(
+                    "dmg: more than {} chunks (instar limit DMG_MAX_CHUNKS)",
+                    crate::limits::DMG_MAX_CHUNKS
+                ))));
+            }
+            chunks.push(Chunk {
+                kind: ty,
+                sector: be64(e, 8).wrapping_add(self.out_offset),
+                count: sector_count,
+                offset: be64(e, 0x18).wrapping_add(self.in_offset),
+                length,
+            });
+        }
         self.n_chunks = self.n_chunks.wrapping_add(1);
+        Ok(())
+    }
+}
+
+/// A dmg image opened for reads. qemu's driver has no block status, so
+/// the block layer calls every byte data without an offset
+/// ([`crate::map::Mapping::Opaque`]). The chunk tables are built on the
+/// first read (map never needs them); reads find chunks as qemu's
+/// `search_chunk` does and inflate whole chunks, the last one kept.
+/// bzip2 and lzfse chunks are not in the tables, as in a qemu without
+/// those modules (no pure-Rust no_std decoder is used): reading them fails
+/// with EIO, as there.
+pub struct DmgMap {
+    file: FileId,
+    filename: String,
+    size: u64,
+    warnings: Vec<String>,
+    chunks: Option<Vec<Chunk>>,
+    inflater: crate::sectored::Inflater,
+    /// The current chunk's bytes, sized once for the largest chunk.
+    data: Vec<u8>,
+    current: Option<usize>,
+}
+
+impl DmgMap {
+    /// Open as qemu does (the same walk as `info`).
+    pub fn open(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Self> {
+        let mut warnings = Vec::new();
+        let info = match info_with_diagnostics(files, file, filename, &mut warnings) {
+            Ok(i) => i,
+            Err(e) => return Err(e.with_warnings(warnings)),
+        };
+        Ok(Self {
+            file,
+            filename: filename.into(),
+            size: info.virtual_size,
+            warnings,
+            chunks: None,
+            inflater: crate::sectored::Inflater::new(),
+            data: Vec::new(),
+            current: None,
+        })
+    }
+
+    fn tables(&mut self, files: &mut dyn Files) -> Result<()> {
+        if self.chunks.is_none() {
+            // Count first so that the table is one allocation (the guest's
+            // heap does not free what a growing Vec leaves behind).
+            let mut diag = Vec::new();
+            let (_, n) = walk(files, self.file, &self.filename, &mut diag, None)?;
+            if n as usize > crate::limits::DMG_MAX_CHUNKS {
+                return Err(crate::ImageError::limit(format!(
+                    "dmg: more than {} chunks (instar limit DMG_MAX_CHUNKS)",
+                    crate::limits::DMG_MAX_CHUNKS
+                )));
+            }
+            let mut chunks = Vec::with_capacity(n as usize);
+            walk(
+                files,
+                self.file,
+                &self.filename,
+                &mut diag,
+                Some(&mut chunks),
+            )?;
+            let mut buf = 0u64;
+            for c in &chunks {
+                let need = match c.kind {
+                    UDZO => c.count * 512,
+                    UDRW => c.length.next_multiple_of(512).max(c.count * 512),
+                    _ => 0,
+                };
+                buf = buf.max(need);
+            }
+            // Both bounded by qemu's chunk limits (64 MiB).
+            self.data = vec![0u8; buf as usize];
+            self.chunks = Some(chunks);
+        }
+        Ok(())
+    }
+
+    /// qemu's search_chunk (a binary search that trusts the order).
+    fn search(chunks: &[Chunk], sector: u64) -> Option<usize> {
+        let (mut lo, mut hi) = (0usize, chunks.len());
+        while lo <= hi {
+            let mid = (lo + hi) / 2;
+            // qemu reads one past its arrays here; nothing is there.
+            let c = chunks.get(mid)?;
+            if c.sector > sector {
+                if mid == 0 {
+                    return None;
+                }
+                hi = mid - 1;
+            } else if c.sector.wrapping_add(c.count) > sector {
+                return Some(mid);
+            } else {
+                lo = mid + 1;
+            }
+        }
+        None
+    }
+
+    /// dmg_read_chunk: make the chunk holding `sector` current.
+    fn load(&mut self, files: &mut dyn Files, sector: u64) -> Result<Chunk> {
+        use crate::block::check_read;
+        let eio = || crate::sectored::read_error(EIO);
+        self.tables(files)?;
+        let chunks = self.chunks.as_deref().unwrap_or(&[]);
+        if let Some(i) = self.current {
+            let c = chunks[i];
+            if c.sector <= sector && c.sector.wrapping_add(c.count) > sector {
+                return Ok(c);
+            }
+        }
+        let i = Self::search(chunks, sector).ok_or_else(eio)?;
+        let c = chunks[i];
+        self.current = None;
+        match c.kind {
+            UDZO => {
+                if check_read(c.offset as i64, c.length).is_err() {
+                    return Err(eio());
+                }
+                let out = &mut self.data[..(c.count * 512) as usize];
+                let ok = self.inflater.inflate_file(
+                    files,
+                    self.file,
+                    c.offset,
+                    c.length,
+                    crate::sectored::Inflate::ZlibExact,
+                    out,
+                )?;
+                if !ok {
+                    return Err(eio());
+                }
+            }
+            UDRW => {
+                if check_read(c.offset as i64, c.length).is_err() {
+                    return Err(eio());
+                }
+                // qemu leaves whatever an earlier chunk left past `length`;
+                // instar reads zeros there.
+                self.data.fill(0);
+                files.read_at(self.file, c.offset, &mut self.data[..c.length as usize])?;
+            }
+            _ => {}
+        }
+        self.current = Some(i);
+        Ok(c)
+    }
+}
+
+impl crate::map::MapImage for DmgMap {
+    fn format(&self) -> &'static str {
+        "dmg"
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn can_compress(&self) -> bool {
+        true
+    }
+    fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+    fn block_status(
+        &mut self,
+        _files: &mut dyn Files,
+        _offset: u64,
+        len: u64,
+    ) -> Result<crate::map::Extent> {
+        Ok(crate::map::Extent::new(len, crate::map::Mapping::Opaque))
+    }
+    fn read(&mut self, files: &mut dyn Files, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let sector = pos / 512;
+            let into = (pos % 512) as usize;
+            let c = self.load(files, sector)?;
+            // The rest of this chunk, at most what is asked.
+            let left = (c.sector.wrapping_add(c.count) - sector).saturating_mul(512) - into as u64;
+            let n = (left.min((buf.len() - done) as u64)) as usize;
+            if c.kind == UDZE || c.kind == UDIG {
+                buf[done..done + n].fill(0);
+            } else {
+                let at = ((sector - c.sector) * 512) as usize + into;
+                buf[done..done + n].copy_from_slice(&self.data[at..at + n]);
+            }
+            done += n;
+        }
         Ok(())
     }
 }
@@ -918,5 +1166,47 @@ mod tests {
             koly..xml.len(),
             &crate::hostile::no_fix,
         );
+    }
+
+    #[test]
+    fn reads_find_and_inflate_chunks() {
+        use crate::map::{MapImage, Mapping};
+        let pattern: Vec<u8> = (0..1024u32).map(|i| (i / 128) as u8).collect();
+        let packed = miniz_oxide::deflate::compress_to_vec_zlib(&pattern, 6);
+        assert!(packed.len() < 256);
+        let chunks: [Chunk; 5] = [
+            (UDRW, 0, 1, 0, 256),
+            (UDZO, 1, 2, 256, packed.len() as u64),
+            (UDBZ, 3, 1, 0, 0),
+            (UDZE, 4, 4, 0, 0),
+            (UDLE, 8, 0, 0, 0),
+        ];
+        let mut img = rsrc_image(&[mish(&chunks)], 8);
+        img[..256].fill(0x5a);
+        img[256..256 + packed.len()].copy_from_slice(&packed);
+        let orig = img.clone();
+        let mut f = MemFiles::new(img);
+        let mut m = DmgMap::open(&mut f, 0, "x.dmg").unwrap();
+        assert_eq!(m.warnings().len(), 1, "{:?}", m.warnings());
+        let e = m.block_status(&mut f, 0, 4096).unwrap();
+        assert_eq!((e.length, e.mapping), (4096, Mapping::Opaque));
+        let mut buf = vec![1u8; 3 * 512];
+        m.read(&mut f, 0, &mut buf).unwrap();
+        assert!(buf[..256].iter().all(|&b| b == 0x5a));
+        assert!(buf[256..512].iter().all(|&b| b == 0));
+        assert_eq!(buf[512..], pattern[..]);
+        let mut z = vec![1u8; 2048];
+        m.read(&mut f, 4 * 512, &mut z).unwrap();
+        assert!(z.iter().all(|&b| b == 0));
+        // The bzip2 chunk is not in qemu's tables without its module.
+        let e = m.read(&mut f, 3 * 512, &mut z[..512]).unwrap_err();
+        assert_eq!(e.message, "Input/output error");
+        // Map and reads of the image cut short or with absurd chunk
+        // entries: answers or errors, never a panic.
+        fn walk(f: &mut dyn Files, file: FileId, _: &str) -> Result<ImageInfo> {
+            crate::sectored::walk_map(f, file, "dmg")
+        }
+        crate::hostile::truncations(walk, &orig, "x", 0);
+        crate::hostile::absurd_fields(walk, &orig, "x", 532..936, &crate::hostile::no_fix);
     }
 }

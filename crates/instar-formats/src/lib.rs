@@ -18,8 +18,9 @@ pub mod files;
 mod hostile;
 pub mod limits;
 pub mod map;
-pub mod write;
 pub mod probe;
+pub(crate) mod sectored;
+pub mod write;
 
 pub mod bochs;
 pub mod cloop;

@@ -79,6 +79,12 @@ pub const TABLE_CHUNK: usize = 64 * 1024;
 /// block: a block can declare ~100 million entries, read in 40 KiB steps.
 pub const DMG_ENTRIES_PER_READ: usize = 1024;
 
+/// dmg chunks kept for reads (40 bytes each in memory, as in qemu). qemu
+/// keeps every chunk a mish block lists; a block can list ~100 million.
+/// 2^21 chunks (80 MiB) cover 2 TiB in 1 MiB chunks, far beyond real
+/// images; more is refused with an instar error.
+pub const DMG_MAX_CHUNKS: usize = 1 << 21;
+
 /// Dirty bitmaps remembered per parallels image (for qemu's duplicate-name
 /// check). A 2 GiB extension cluster could declare millions; real images
 /// have a few.

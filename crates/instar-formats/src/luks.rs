@@ -484,6 +484,13 @@ pub(crate) fn test_header() -> Vec<u8> {
     b
 }
 
+/// qemu opens a LUKS image for I/O only with its key, which instar never
+/// takes: the crypto layer refuses before it reads the header, so every
+/// file opened as luks for `map` or `convert` gets this error.
+pub fn key_required() -> ImageError {
+    ImageError::open("Parameter 'key-secret' is required for cipher")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,6 +640,15 @@ mod tests {
             "x",
             0..LUKS_HEADER_SIZE,
             &crate::hostile::no_fix,
+        );
+    }
+
+    #[test]
+    fn io_opens_need_the_key() {
+        // qemu-img 10.0.2 `map -f luks` on any file.
+        assert_eq!(
+            key_required().message,
+            "Parameter 'key-secret' is required for cipher"
         );
     }
 }

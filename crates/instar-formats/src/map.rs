@@ -101,6 +101,17 @@ pub trait MapImage {
     /// The run starting at guest `offset`, at most `len` bytes long
     /// (`offset + len <= virtual_size`, `len > 0`).
     fn block_status(&mut self, files: &mut dyn Files, offset: u64, len: u64) -> Result<Extent>;
+    /// Read internal snapshot `id_or_name` instead of the active state
+    /// from now on (`convert -l`; qemu's
+    /// `bdrv_snapshot_load_tmp_by_id_or_name`). The error is qemu-img's
+    /// whole message.
+    fn load_snapshot(&mut self, files: &mut dyn Files, id_or_name: &str) -> Result<()> {
+        let _ = (files, id_or_name);
+        Err(ImageError::open(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            self.format()
+        )))
+    }
     /// Fill `buf` with the guest bytes at `offset` of a run that
     /// [`MapImage::block_status`] reported as [`Mapping::Compressed`] or
     /// [`Mapping::Opaque`] (decompress, decrypt, or whatever the format
@@ -160,6 +171,31 @@ pub fn open(
     match driver.name {
         "raw" => Ok(Box::new(crate::raw::RawMap::open(files, file)?)),
         "qcow2" => Ok(Box::new(crate::qcow2::map::Qcow2Map::open(files, file)?)),
+        "vdi" => Ok(Box::new(crate::vdi::map::VdiMap::open(
+            files, file, filename,
+        )?)),
+        "vpc" => Ok(Box::new(crate::vpc::map::VpcMap::open(
+            files, file, filename,
+        )?)),
+        "vmdk" => Ok(Box::new(crate::vmdk::map::VmdkMap::open(
+            files, file, filename,
+        )?)),
+        "vhdx" => Ok(Box::new(crate::vhdx::map::VhdxMap::open(
+            files, file, filename,
+        )?)),
+        "qed" => Ok(Box::new(crate::qed::QedMap::open(files, file)?)),
+        "qcow" => Ok(Box::new(crate::qcow::QcowMap::open(files, file, filename)?)),
+        "parallels" => Ok(Box::new(crate::parallels::ParallelsMap::open(
+            files, file, filename,
+        )?)),
+        "bochs" => Ok(Box::new(crate::bochs::BochsMap::open(
+            files, file, filename,
+        )?)),
+        "cloop" => Ok(Box::new(crate::cloop::CloopMap::open(
+            files, file, filename,
+        )?)),
+        "dmg" => Ok(Box::new(crate::dmg::DmgMap::open(files, file, filename)?)),
+        "luks" => Err(crate::luks::key_required()),
         other => {
             // Open as info does first: a broken image gets qemu's open
             // error, not "not implemented".

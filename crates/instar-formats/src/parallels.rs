@@ -372,6 +372,127 @@ impl Bitmap {
     }
 }
 
+/// A parallels image opened for block status: qemu's `block_status` over
+/// the BAT (read through a window: it can be 2 GiB).
+pub struct ParallelsMap {
+    file: FileId,
+    size: u64,
+    tracks: u32,
+    bat_size: u32,
+    /// BAT entries count sectors ("WithoutFreeSpace") or clusters.
+    off_multiplier: u64,
+    bat: crate::sectored::TableWindow,
+}
+
+impl ParallelsMap {
+    /// Open as qemu-img map does (the same checks as `info`).
+    pub fn open(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Self> {
+        let info = info(files, file, filename)?;
+        let mut b = [0u8; HEADER_SIZE];
+        files.read_at(file, 0, &mut b)?;
+        let h = Header::parse(&b);
+        let off_multiplier = if &h.magic == MAGIC_V1 {
+            1
+        } else {
+            u64::from(h.tracks)
+        };
+        Ok(Self {
+            file,
+            size: info.virtual_size,
+            tracks: h.tracks,
+            bat_size: h.bat_entries,
+            off_multiplier,
+            bat: crate::sectored::TableWindow::new(),
+        })
+    }
+
+    /// seek_to_sector: the host sector of `sector`, or -1.
+    fn seek(&mut self, files: &mut dyn Files, sector: u64) -> Result<i64> {
+        let tracks = u64::from(self.tracks);
+        // qemu keeps the index in 32 bits.
+        let index = (sector / tracks) as u32;
+        let offset = sector % tracks;
+        if index >= self.bat_size {
+            return Ok(-1);
+        }
+        let at = HEADER_SIZE as u64 + 4 * u64::from(index);
+        let entry = le32(self.bat.get(files, self.file, at, 4)?, 0);
+        if entry == 0 {
+            return Ok(-1);
+        }
+        // entry < 2^32 and the multiplier < 2^22: no overflow.
+        Ok((u64::from(entry) * self.off_multiplier + offset) as i64)
+    }
+
+    /// qemu's `block_status(s, sector_num, nb_sectors, &pnum)`.
+    fn find(&mut self, files: &mut dyn Files, pos: u64, len: u64) -> Result<crate::map::Extent> {
+        use crate::map::{Extent, HostRef, Mapping};
+        let mut sector = pos >> 9;
+        // An int in qemu; map's queries stay far below 2^31 sectors.
+        let mut nb = i64::from((len >> 9) as i32);
+        let tracks = i64::from(self.tracks);
+        let (mut start, mut prev_end) = (-2i64, -2i64);
+        let mut pnum = 0i64;
+        while nb > 0 || start == -2 {
+            let offset = self.seek(files, sector)?;
+            if start == -2 {
+                start = offset;
+                prev_end = offset;
+            } else if offset != prev_end {
+                break;
+            }
+            let to_end = nb.min(tracks - (sector % tracks as u64) as i64);
+            if to_end <= 0 {
+                return Err(crate::sectored::metadata_error(crate::block::EINVAL));
+            }
+            nb -= to_end;
+            sector += to_end as u64;
+            pnum += to_end;
+            if offset > 0 {
+                prev_end += to_end;
+            }
+        }
+        let length = (pnum as u64) << 9;
+        Ok(Extent::new(
+            length,
+            if start < 0 {
+                Mapping::Unallocated { at: None }
+            } else {
+                Mapping::Data {
+                    at: HostRef {
+                        file: self.file,
+                        offset: (start as u64).wrapping_mul(512),
+                    },
+                }
+            },
+        ))
+    }
+}
+
+impl crate::map::MapImage for ParallelsMap {
+    fn format(&self) -> &'static str {
+        "parallels"
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn supports_backing(&self) -> bool {
+        true
+    }
+    fn can_compress(&self) -> bool {
+        true
+    }
+    fn block_status(
+        &mut self,
+        files: &mut dyn Files,
+        offset: u64,
+        len: u64,
+    ) -> Result<crate::map::Extent> {
+        // Sector-based driver: request_alignment 512.
+        crate::sectored::aligned(offset, len, 512, |o, l| self.find(files, o, l))
+    }
+}
+
 /// qemu_uuid_unparse: the 16 bytes in order, lower-case, 8-4-4-4-12.
 fn uuid_string(id: &[u8; 16]) -> String {
     let mut s = String::with_capacity(36);
@@ -923,5 +1044,55 @@ mod tests {
         let img = image(&v2_header(), 4096);
         crate::hostile::truncations(info, &img, "p", 128);
         crate::hostile::absurd_fields(info, &img, "p", 0..HEADER_SIZE, &crate::hostile::no_fix);
+    }
+
+    #[test]
+    fn block_status_over_the_bat() {
+        use crate::map::{HostRef, MapImage, Mapping};
+        let data = |offset| Mapping::Data {
+            at: HostRef { file: 0, offset },
+        };
+        // 4 KiB clusters, 4 entries, 16 KiB disk.
+        let h = Header {
+            tracks: 8,
+            bat_entries: 4,
+            nb_sectors: 32,
+            data_off: 8,
+            ..v2_header()
+        };
+        let mut img = image(&h, 32768);
+        // v2: entries count clusters; 2 and 3 are contiguous.
+        for (i, v) in [(0usize, 2u32), (1, 3), (2, 0), (3, 5)] {
+            img[64 + 4 * i..68 + 4 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        let mut f = MemFiles::new(img.clone());
+        let mut m = ParallelsMap::open(&mut f, 0, "x").unwrap();
+        let e = m.block_status(&mut f, 0, 16384).unwrap();
+        assert_eq!((e.length, e.mapping), (8192, data(8192)));
+        let e = m.block_status(&mut f, 8192, 8192).unwrap();
+        assert_eq!(
+            (e.length, e.mapping),
+            (4096, Mapping::Unallocated { at: None })
+        );
+        let e = m.block_status(&mut f, 12288 + 512, 1024).unwrap();
+        assert_eq!((e.length, e.mapping), (1024, data(20480 + 512)));
+        assert!(m.supports_backing());
+        // v1: the same entries count sectors.
+        let mut v1 = img;
+        v1[..16].copy_from_slice(MAGIC_V1);
+        let v1_orig = v1.clone();
+        let mut f = MemFiles::new(v1);
+        let mut m = ParallelsMap::open(&mut f, 0, "x").unwrap();
+        let e = m.block_status(&mut f, 0, 16384).unwrap();
+        assert_eq!((e.length, e.mapping), (4096, data(1024)));
+        // Map and reads of the image cut short or with absurd fields:
+        // answers or errors, never a panic.
+        fn walk(f: &mut dyn Files, file: FileId, _: &str) -> Result<ImageInfo> {
+            crate::sectored::walk_map(f, file, "parallels")
+        }
+        crate::hostile::truncations(walk, &v1_orig, "x", 80);
+        for fields in [0..HEADER_SIZE, 64..80] {
+            crate::hostile::absurd_fields(walk, &v1_orig, "x", fields, &crate::hostile::no_fix);
+        }
     }
 }

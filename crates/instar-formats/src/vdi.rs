@@ -9,6 +9,8 @@ use crate::{Files, Result};
 use alloc::format;
 use instar_wire::{FileId, ImageError, ImageInfo};
 
+pub mod map;
+
 const VDI_SIGNATURE: u32 = 0xbeda_107f;
 const VDI_VERSION_1_1: u32 = 0x0001_0001;
 const SECTOR_SIZE: u64 = 512;

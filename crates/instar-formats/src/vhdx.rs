@@ -15,56 +15,58 @@ use alloc::vec;
 use alloc::vec::Vec;
 use instar_wire::{FileId, ImageError, ImageInfo};
 
-const HEADER1_OFFSET: u64 = 64 * 1024;
-const HEADER2_OFFSET: u64 = 128 * 1024;
-const HEADER_SIZE: usize = 4096;
-const REGION_TABLE_OFFSET: u64 = 192 * 1024;
-const REGION_TABLE_SIZE: usize = 64 * 1024;
+pub mod map;
+
+pub(crate) const HEADER1_OFFSET: u64 = 64 * 1024;
+pub(crate) const HEADER2_OFFSET: u64 = 128 * 1024;
+pub(crate) const HEADER_SIZE: usize = 4096;
+pub(crate) const REGION_TABLE_OFFSET: u64 = 192 * 1024;
+pub(crate) const REGION_TABLE_SIZE: usize = 64 * 1024;
 const METADATA_TABLE_MAX_SIZE: usize = 64 * 1024;
-const LOG_MIN_SIZE: u64 = 1024 * 1024;
+pub(crate) const LOG_MIN_SIZE: u64 = 1024 * 1024;
 const LOG_SECTOR_SIZE: u64 = 4096;
-const BLOCK_SIZE_MIN: u32 = 1024 * 1024;
-const BLOCK_SIZE_MAX: u32 = 256 * 1024 * 1024;
-const MAX_SECTORS_PER_BLOCK: u64 = 1 << 23;
+pub(crate) const BLOCK_SIZE_MIN: u32 = 1024 * 1024;
+pub(crate) const BLOCK_SIZE_MAX: u32 = 256 * 1024 * 1024;
+pub(crate) const MAX_SECTORS_PER_BLOCK: u64 = 1 << 23;
 const BAT_STATE_MASK: u64 = 7;
 const BAT_FILE_OFF_MASK: u64 = 0xFFFF_FFFF_FFF0_0000;
-const PAYLOAD_BLOCK_FULLY_PRESENT: u64 = 6;
+pub(crate) const PAYLOAD_BLOCK_FULLY_PRESENT: u64 = 6;
 const REGION_ENTRY_REQUIRED: u32 = 1;
-const META_FLAGS_IS_REQUIRED: u32 = 4;
+pub(crate) const META_FLAGS_IS_REQUIRED: u32 = 4;
 const PARAMS_HAS_PARENT: u32 = 2;
 /// Region table entries the spec allows (qemu enforces it too).
 const REGION_ENTRIES_MAX: u32 = 2047;
-const BAT_GUID: [u8; 16] = ms_guid(
+pub(crate) const BAT_GUID: [u8; 16] = ms_guid(
     0x2dc2_7766,
     0xf623,
     0x4200,
     [0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08],
 );
-const METADATA_GUID: [u8; 16] = ms_guid(
+pub(crate) const METADATA_GUID: [u8; 16] = ms_guid(
     0x8b7c_a206,
     0x4790,
     0x4b9a,
     [0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e],
 );
-const FILE_PARAM_GUID: [u8; 16] = ms_guid(
+pub(crate) const FILE_PARAM_GUID: [u8; 16] = ms_guid(
     0xcaa1_6737,
     0xfa36,
     0x4d43,
     [0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b],
 );
-const VIRTUAL_SIZE_GUID: [u8; 16] = ms_guid(
+pub(crate) const VIRTUAL_SIZE_GUID: [u8; 16] = ms_guid(
     0x2fa5_4224,
     0xcd1b,
     0x4876,
     [0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8],
 );
-const PAGE83_GUID: [u8; 16] = ms_guid(
+pub(crate) const PAGE83_GUID: [u8; 16] = ms_guid(
     0xbeca_12ab,
     0xb2e6,
     0x4523,
     [0x93, 0xef, 0xc3, 0x09, 0xe0, 0x00, 0xc7, 0x46],
 );
-const PHYS_SECTOR_GUID: [u8; 16] = ms_guid(
+pub(crate) const PHYS_SECTOR_GUID: [u8; 16] = ms_guid(
     0xcda3_48c7,
     0x445d,
     0x4471,
@@ -76,7 +78,7 @@ const PARENT_LOCATOR_GUID: [u8; 16] = ms_guid(
     0x454d,
     [0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c],
 );
-const LOGICAL_SECTOR_GUID: [u8; 16] = ms_guid(
+pub(crate) const LOGICAL_SECTOR_GUID: [u8; 16] = ms_guid(
     0x8141_bf1d,
     0xa96f,
     0x4709,
@@ -106,6 +108,22 @@ pub fn probe(buf: &[u8], _filename: &str) -> u32 {
 
 /// Describe the VHDX image in `file`.
 pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<ImageInfo> {
+    parse(files, file, filename).map(|(info, _)| info)
+}
+
+/// Where the payload blocks are found, for reads.
+pub(crate) struct Layout {
+    pub(crate) bat_offset: u64,
+    pub(crate) block_size: u64,
+    pub(crate) chunk_ratio_bits: u32,
+}
+
+/// Open the image as qemu does: its description and its BAT's layout.
+pub(crate) fn parse(
+    files: &mut dyn Files,
+    file: FileId,
+    filename: &str,
+) -> Result<(ImageInfo, Layout)> {
     let einval = || open_errno(filename, EINVAL);
     let eio = || open_errno(filename, EIO);
 
@@ -267,14 +285,20 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         return Err(einval().with_warnings(vec![line]));
     }
 
-    Ok(ImageInfo {
+    let info = ImageInfo {
         format: "vhdx".into(),
         virtual_size: total_sectors.wrapping_mul(512),
         cluster_size: Some(u64::from(block_size)),
         dirty_flag: Some(false),
         children: single_child(file),
         ..Default::default()
-    })
+    };
+    let layout = Layout {
+        bat_offset,
+        block_size: u64::from(block_size),
+        chunk_ratio_bits,
+    };
+    Ok((info, layout))
 }
 
 /// `vhdx_parse_header`: the valid header with the higher sequence number.
@@ -564,7 +588,7 @@ fn checksum_ok(buf: &[u8]) -> bool {
 }
 
 /// CRC-32C (Castagnoli), as VHDX uses it.
-struct Crc32c(u32);
+pub(crate) struct Crc32c(u32);
 
 const CRC32C_TABLE: [u32; 256] = {
     let mut t = [0u32; 256];
@@ -587,15 +611,15 @@ const CRC32C_TABLE: [u32; 256] = {
 };
 
 impl Crc32c {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(0xffff_ffff)
     }
-    fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         for &b in data {
             self.0 = CRC32C_TABLE[((self.0 ^ u32::from(b)) & 0xff) as usize] ^ (self.0 >> 8);
         }
     }
-    fn finish(&self) -> u32 {
+    pub(crate) fn finish(&self) -> u32 {
         !self.0
     }
 }

@@ -19,11 +19,15 @@ use instar_wire::{
     ChildFile, FileId, FormatSpecific, ImageError, ImageInfo, VmdkExtentInfo, VmdkInfo,
 };
 
+pub mod map;
+
 const VMDK3_MAGIC: u32 = u32::from_be_bytes(*b"COWD");
 const VMDK4_MAGIC: u32 = u32::from_be_bytes(*b"KDMV");
 const SESPARSE_CONST_MAGIC: u64 = 0xcafe_babe;
 const SESPARSE_VOLATILE_MAGIC: u64 = 0xcafe_cafe;
 const VMDK4_FLAG_RGD: u32 = 1 << 1;
+const VMDK4_FLAG_ZERO_GRAIN: u32 = 1 << 2;
+const VMDK4_FLAG_MARKER: u32 = 1 << 16;
 const VMDK4_GD_AT_END: u64 = u64::MAX;
 const VMDK4_COMPRESSION_DEFLATE: u16 = 1;
 /// qemu reads at most this much of a descriptor (it caps the allocation).
@@ -82,6 +86,11 @@ pub fn probe(buf: &[u8], _filename: &str) -> u32 {
 
 /// Describe the vmdk image in `file`.
 pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<ImageInfo> {
+    parse(files, file, filename).map(|(info, _)| info)
+}
+
+/// Open the image as qemu does: its description and its extents.
+fn parse(files: &mut dyn Files, file: FileId, filename: &str) -> Result<(ImageInfo, Vec<Extent>)> {
     let mut st = State {
         files,
         root: file,
@@ -160,7 +169,7 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         .collect();
     let mut children = core::mem::take(&mut st.children);
     children.reverse();
-    Ok(ImageInfo {
+    let info = ImageInfo {
         format: "vmdk".into(),
         virtual_size: (total_sectors as u64) * 512,
         cluster_size,
@@ -175,9 +184,12 @@ pub fn info(files: &mut dyn Files, file: FileId, filename: &str) -> Result<Image
         })),
         children,
         ..Default::default()
-    })
+    };
+    Ok((info, st.extents))
 }
 
+/// One extent as qemu's `VmdkExtent` holds it (block status needs the
+/// table geometry that `info` does not print).
 struct Extent {
     display: String,
     flat: bool,
@@ -186,6 +198,23 @@ struct Extent {
     end_sector: i64,
     cluster_sectors: u64,
     kind: Option<String>,
+    /// The file holding the extent's data and tables.
+    file: FileId,
+    /// Flat extents: byte offset of the extent in its file.
+    flat_offset: u64,
+    /// Sparse extents: the grain directory (L1 table), its entry count,
+    /// entries per grain table, and guest sectors per directory entry
+    /// (qemu keeps this product in 32 bits).
+    l1_offset: u64,
+    l1_size: u32,
+    l2_size: u32,
+    l1_entry_sectors: u32,
+    /// Compressed grains start with a marker (VMDK4_FLAG_MARKER).
+    has_marker: bool,
+    /// Grain table entry 1 means zeros (VMDK4_FLAG_ZERO_GRAIN).
+    has_zero_grain: bool,
+    /// seSparse: grain tables' and grains' offsets, in sectors.
+    sesparse: Option<(u64, u64)>,
 }
 
 struct State<'a> {
@@ -231,10 +260,13 @@ impl State<'_> {
     #[allow(clippy::too_many_arguments)]
     fn add_extent(
         &mut self,
+        file: FileId,
         display: &str,
         flat: bool,
         sectors: i64,
+        l1_offset: u64,
         l1_size: u32,
+        l2_size: u32,
         cluster_sectors: u64,
     ) -> Result<()> {
         if cluster_sectors > 0x20_0000 {
@@ -267,6 +299,15 @@ impl State<'_> {
                 cluster_sectors
             },
             kind: None,
+            file,
+            flat_offset: 0,
+            l1_offset,
+            l1_size,
+            l2_size,
+            l1_entry_sectors: u64::from(l2_size).wrapping_mul(cluster_sectors) as u32,
+            has_marker: false,
+            has_zero_grain: false,
+            sesparse: None,
         });
         Ok(())
     }
@@ -296,10 +337,13 @@ impl State<'_> {
         let l1dir_offset = u64::from(le32(&h, 20)) << 9;
         let l1dir_size = le32(&h, 24);
         self.add_extent(
+            file,
             display,
             false,
             i64::from(disk_sectors),
+            l1dir_offset,
             l1dir_size,
+            4096,
             u64::from(granularity),
         )?;
         self.check_tables(display, l1dir_offset, 0, u64::from(l1dir_size) * 4)
@@ -379,7 +423,20 @@ impl State<'_> {
                 h.grain_offset.wrapping_mul(512) as i64
             )));
         }
-        self.add_extent(display, false, h.capacity as i64, l1_size, h.granularity)?;
+        self.add_extent(
+            file,
+            display,
+            false,
+            h.capacity as i64,
+            h.gd_offset.wrapping_shl(9),
+            l1_size,
+            h.num_gtes_per_gt,
+            h.granularity,
+        )?;
+        if let Some(e) = self.extents.last_mut() {
+            e.has_marker = h.flags & VMDK4_FLAG_MARKER != 0;
+            e.has_zero_grain = h.flags & VMDK4_FLAG_ZERO_GRAIN != 0;
+        }
         if compressed {
             if let Some(e) = self.extents.last_mut() {
                 e.compressed = true;
@@ -463,7 +520,20 @@ impl State<'_> {
         }
         let gd_offset = q(16).wrapping_mul(512);
         let l1_size = (q(17).wrapping_mul(512) / 8) as u32;
-        self.add_extent(display, false, capacity as i64, l1_size, grain_size)?;
+        // gt_size is 64 sectors of 8-byte entries.
+        self.add_extent(
+            file,
+            display,
+            false,
+            capacity as i64,
+            gd_offset,
+            l1_size,
+            4096,
+            grain_size,
+        )?;
+        if let Some(e) = self.extents.last_mut() {
+            e.sesparse = Some((q(18), q(24)));
+        }
         self.check_tables(display, gd_offset, 0, u64::from(l1_size) * 8)
     }
 
@@ -555,7 +625,18 @@ impl State<'_> {
                 counts_in_disk_size: true,
             });
             match ty {
-                b"FLAT" | b"VMFS" => self.add_extent(&display, true, m.sectors, 0, 0)?,
+                b"FLAT" | b"VMFS" => {
+                    self.add_extent(file, &display, true, m.sectors, 0, 0, 0, 0)?;
+                    if let Some(e) = self.extents.last_mut() {
+                        // VMFS extents start at 0; C shifts the sector
+                        // count without overflow checks.
+                        e.flat_offset = if ty == b"FLAT" {
+                            (m.flat_offset as u64).wrapping_shl(9)
+                        } else {
+                            0
+                        };
+                    }
+                }
                 b"SPARSE" | b"VMFSSPARSE" => {
                     let len = sector_len(self.files.len(file)?);
                     if len < 4 {

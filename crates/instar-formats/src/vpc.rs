@@ -14,6 +14,8 @@ use alloc::format;
 use alloc::vec;
 use instar_wire::{FileId, ImageError, ImageInfo};
 
+pub mod map;
+
 const FOOTER_SIZE: u64 = 512;
 const DYN_HEADER_SIZE: usize = 1024;
 const VHD_FIXED: u32 = 2;

@@ -2,6 +2,7 @@
 
 use instar_wire::mailbox::{
     MailboxHeader, HEADER_BYTES, MESSAGE_ADDR, MESSAGE_CAPACITY, PORT_CALL, PORT_DONE, PORT_READ,
+    PORT_WRITE,
 };
 
 /// Index of each header field (its byte offset divided by 8).
@@ -96,6 +97,20 @@ impl Mailbox {
         // Keep the buffer observably written by the exit.
         core::hint::black_box(buf.as_mut_ptr());
         self.get(field::STATUS)
+    }
+
+    /// Write `buf` to output `file` at `offset`; gives the host's status
+    /// (0 = done) and, on a failure, the offset it failed at (the host may
+    /// report an earlier write's failure here).
+    pub fn write(&self, file: u32, offset: u64, buf: &[u8]) -> (u64, u64) {
+        self.set(field::FILE, u64::from(file));
+        self.set(field::OFFSET, offset);
+        self.set(field::LENGTH, buf.len() as u64);
+        self.set(field::BUFFER, buf.as_ptr() as u64);
+        // The buffer's contents must be in memory before the exit.
+        core::hint::black_box(buf.as_ptr());
+        out(PORT_WRITE);
+        (self.get(field::STATUS), self.get(field::OFFSET))
     }
 
     /// Make a host call; gives the encoded reply (valid until the next call).

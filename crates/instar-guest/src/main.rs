@@ -11,10 +11,12 @@ extern crate alloc;
 mod heap;
 mod mailbox;
 
+use alloc::string::String;
 use alloc::vec::Vec;
+use instar_formats::write::Sink;
 use instar_formats::Files;
 use instar_wire::mailbox::{MESSAGE_ADDR, MESSAGE_CAPACITY, PORT_PANIC};
-use instar_wire::{DataExtents, FileId, HostCall, HostReply, ImageError, Request, Response};
+use instar_wire::{DataExtents, FileId, HostCall, HostReply, ImageError, OutId, Request, Response};
 use mailbox::Mailbox;
 
 /// Bytes per read-cache chunk. Header and table reads are small and
@@ -23,9 +25,17 @@ use mailbox::Mailbox;
 const CHUNK: usize = 256 << 10;
 /// Chunks kept (LRU). 8 x 256 KiB = 2 MiB of heap.
 const CACHE_ENTRIES: usize = 8;
+/// Reads at least this long go straight into the caller's buffer, exactly
+/// as asked: guest data (a cluster or more) read once, by one pread, with
+/// no chunk rounding or copy; metadata reads are far smaller and keep the
+/// cache's batching.
+const DIRECT: usize = 32 << 10;
 /// Largest single read request; bigger reads are split (the host refuses
 /// more than `instar_vmm::limits::MAX_READ_BYTES`, 16 MiB).
 const MAX_READ: usize = 16 << 20;
+/// Largest single write request (the host refuses more than
+/// `instar_vmm::limits::MAX_WRITE_BYTES`, 16 MiB).
+const MAX_WRITE: usize = 16 << 20;
 
 struct Chunk {
     file: FileId,
@@ -62,13 +72,25 @@ impl MailboxFiles {
         }
     }
 
-    /// One host call; the reply decoded.
     fn host_call(&mut self, call: &HostCall) -> instar_formats::Result<HostReply> {
-        let encoded = postcard::to_allocvec(call)
-            .map_err(|_| ImageError::operation("internal error: cannot encode host call"))?;
-        let reply = self.mailbox.call(&encoded);
-        postcard::from_bytes::<HostReply>(reply)
-            .map_err(|_| ImageError::operation("internal error: undecodable host reply"))
+        host_call(self.mailbox, call)
+    }
+
+    /// Learn the lengths of the host-opened inputs after the root (files
+    /// 1..count), before the engine opens anything itself.
+    fn add_inputs(&mut self, count: usize) -> instar_formats::Result<()> {
+        for file in 1..count as FileId {
+            match self.host_call(&HostCall::Length { file })? {
+                HostReply::Opened { file: f, length } if f == file => self.lengths.push(length),
+                HostReply::Failed(e) => return Err(e),
+                _ => {
+                    return Err(ImageError::operation(
+                        "internal error: unexpected host reply",
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn length(&self, file: FileId) -> instar_formats::Result<u64> {
@@ -165,7 +187,7 @@ impl Files for MailboxFiles {
             buf.fill(0);
             return Ok(());
         }
-        if buf.len() >= CHUNK {
+        if buf.len() >= DIRECT {
             return self.read_direct(file, offset, buf);
         }
         let mut done = 0usize;
@@ -275,6 +297,93 @@ impl MailboxFiles {
     }
 }
 
+/// One host call; the reply decoded.
+fn host_call(mailbox: Mailbox, call: &HostCall) -> instar_formats::Result<HostReply> {
+    let encoded = postcard::to_allocvec(call)
+        .map_err(|_| ImageError::operation("internal error: cannot encode host call"))?;
+    let reply = mailbox.call(&encoded);
+    postcard::from_bytes::<HostReply>(reply)
+        .map_err(|_| ImageError::operation("internal error: undecodable host reply"))
+}
+
+/// [`Sink`] over the mailbox: PORT_WRITE for data (straight from the
+/// caller's buffer, no copy), host calls for lengths and progress. The host
+/// checks every id and range; the errno it reports becomes qemu's wording.
+struct MailboxSink {
+    mailbox: Mailbox,
+    names: Vec<String>,
+}
+
+impl Sink for MailboxSink {
+    fn write_at(&mut self, file: OutId, offset: u64, data: &[u8]) -> instar_formats::Result<()> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let n = (data.len() - done).min(MAX_WRITE);
+            let at = offset
+                .checked_add(done as u64)
+                .ok_or_else(|| ImageError::operation("Could not write image: File too large"))?;
+            let (status, failed_at) = self.mailbox.write(file, at, &data[done..done + n]);
+            if status != 0 {
+                return Err(ImageError::operation(alloc::format!(
+                    "error while writing at byte {failed_at}: {}",
+                    errno_text(status)
+                )));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn set_len(&mut self, file: OutId, length: u64) -> instar_formats::Result<()> {
+        match host_call(self.mailbox, &HostCall::SetOutputLength { file, length })? {
+            HostReply::Done => Ok(()),
+            HostReply::Failed(e) => Err(e),
+            _ => Err(ImageError::operation(
+                "internal error: unexpected host reply",
+            )),
+        }
+    }
+
+    fn output_name(&self, file: OutId) -> Option<&str> {
+        self.names.get(file as usize).map(String::as_str)
+    }
+
+    fn progress(&mut self, done: u64, total: u64) -> instar_formats::Result<()> {
+        host_call(self.mailbox, &HostCall::Progress { done, total }).map(|_| ())
+    }
+}
+
+/// glibc's text for the errors a pwrite can give (the host passes errno).
+fn errno_text(errno: u64) -> alloc::borrow::Cow<'static, str> {
+    alloc::borrow::Cow::Borrowed(match errno {
+        5 => "Input/output error",
+        9 => "Bad file descriptor",
+        22 => "Invalid argument",
+        27 => "File too large",
+        28 => "No space left on device",
+        30 => "Read-only file system",
+        122 => "Disk quota exceeded",
+        n => return alloc::borrow::Cow::Owned(alloc::format!("errno {n}")),
+    })
+}
+
+/// Run the request with the files and outputs the host set up for it.
+fn serve(mailbox: Mailbox, request: &Request) -> Response {
+    let mut files = MailboxFiles::new(mailbox, mailbox.root_length());
+    let (inputs, names) = match request {
+        Request::Convert {
+            sources, outputs, ..
+        } => (sources.len(), outputs.clone()),
+        Request::Compare { .. } => (2, Vec::new()),
+        _ => (1, Vec::new()),
+    };
+    if let Err(e) = files.add_inputs(inputs) {
+        return Response::Error(e);
+    }
+    let mut sink = MailboxSink { mailbox, names };
+    instar_engine::handle(&mut files, &mut sink, request)
+}
+
 /// Entry point: the host sets rip here, rsp to `STACK_TOP - 8` and rdi to
 /// the mailbox address.
 #[no_mangle]
@@ -284,10 +393,7 @@ pub extern "C" fn _start(mailbox_addr: u64) -> ! {
     heap::init(mailbox.memory_end());
     let response = match mailbox.request() {
         Some(bytes) => match postcard::from_bytes::<Request>(bytes) {
-            Ok(request) => {
-                let mut files = MailboxFiles::new(mailbox, mailbox.root_length());
-                instar_engine::handle(&mut files, &mut instar_formats::write::NoOutputs, &request)
-            }
+            Ok(request) => serve(mailbox, &request),
             Err(_) => Response::Error(ImageError::operation("internal error: undecodable request")),
         },
         None => Response::Error(ImageError::operation(

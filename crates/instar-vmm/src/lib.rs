@@ -22,6 +22,7 @@ mod process;
 pub mod sandbox;
 pub mod vcpu;
 pub mod watchdog;
+pub mod writer;
 
 use instar_wire::mailbox::{MAX_MEMORY, MIN_MEMORY, PAGE_SIZE};
 use instar_wire::{Request, Response};
@@ -76,6 +77,9 @@ pub struct Outcome {
     pub response: Response,
     /// Every file of the call, indexed by [`instar_wire::FileId`] (0 = root).
     pub files: Vec<OpenedFile>,
+    /// The outputs given to [`run_files`], by [`instar_wire::OutId`] (empty
+    /// for [`run`]), so the caller can sync and rename them.
+    pub outputs: Vec<std::fs::File>,
     /// Counters and timings of the run.
     pub stats: RunStats,
 }
@@ -89,6 +93,10 @@ pub struct RunStats {
     pub reads: u64,
     /// Bytes read from files for the guest.
     pub bytes_read: u64,
+    /// WRITE calls served.
+    pub writes: u64,
+    /// Bytes written to outputs for the guest.
+    pub bytes_written: u64,
     /// Sandbox process: open /dev/kvm to VM ready (microseconds).
     pub setup_us: u64,
     /// Sandbox process: confinement (Landlock + seccomp) (microseconds).
@@ -170,6 +178,24 @@ pub(crate) fn os_error(e: std::io::Error) -> String {
     }
 }
 
+/// The files of one [`run_files`] call.
+#[derive(Debug)]
+pub struct RunFiles {
+    /// Files the guest reads, by [`instar_wire::FileId`] (0.., in order);
+    /// at least one. Files the guest opens itself get the ids after them.
+    pub inputs: Vec<OpenedFile>,
+    /// Files the guest writes through [`instar_wire::mailbox::PORT_WRITE`],
+    /// by [`instar_wire::OutId`]. Opened for writing by the caller (the
+    /// sandbox cannot open anything for writing: Landlock is read-only and
+    /// seccomp allows `pwrite64`/`ftruncate` on these descriptors only).
+    pub outputs: Vec<std::fs::File>,
+    /// The names the guest may write into metadata (a vmdk descriptor's
+    /// extent names), by OutId; informational for the host.
+    pub output_names: Vec<String>,
+    /// No write or length of any output may reach past this many bytes.
+    pub output_limit: u64,
+}
+
 /// Run `request` in a fresh VM with `root` as file 0.
 ///
 /// Blocks until the guest answers, fails, or the deadline passes; never
@@ -183,6 +209,28 @@ pub fn run(
     run_image(config, root, request, GUEST_ELF)
 }
 
+/// [`run`] with several input files and writable outputs (`convert`).
+///
+/// `progress(done, total)` is called in the caller's process, in order,
+/// for every [`instar_wire::HostCall::Progress`] the guest makes (only
+/// while this call blocks). The deadline is `config.timeout` for the whole
+/// run, as for [`run`]: a caller converting large images sets it from the
+/// size it expects to move (the CLI owns that policy), since the sandbox
+/// cannot tell a slow legitimate convert from a spinning guest.
+///
+/// On success the outputs hold what the guest wrote; the caller still owns
+/// durability (fsync) and naming (rename). On failure they may hold a
+/// partial image: the caller must remove them or leave them unmistakably
+/// incomplete.
+pub fn run_files(
+    config: &SandboxConfig,
+    files: RunFiles,
+    request: &Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Outcome, VmmError> {
+    run_files_image(config, files, request, progress, GUEST_ELF)
+}
+
 /// [`run`] with another guest image: for tests of the host's handling of
 /// misbehaving guests (faults, loops, protocol violations).
 #[doc(hidden)]
@@ -190,6 +238,24 @@ pub fn run_image(
     config: &SandboxConfig,
     root: OpenedFile,
     request: &Request,
+    elf: &[u8],
+) -> Result<Outcome, VmmError> {
+    let files = RunFiles {
+        inputs: vec![root],
+        outputs: Vec::new(),
+        output_names: Vec::new(),
+        output_limit: 0,
+    };
+    run_files_image(config, files, request, &mut |_, _| {}, elf)
+}
+
+/// [`run_files`] with another guest image (tests of misbehaving guests).
+#[doc(hidden)]
+pub fn run_files_image(
+    config: &SandboxConfig,
+    files: RunFiles,
+    request: &Request,
+    progress: &mut dyn FnMut(u64, u64),
     elf: &[u8],
 ) -> Result<Outcome, VmmError> {
     let memory = config
@@ -204,6 +270,17 @@ pub fn run_image(
                 MAX_MEMORY >> 30
             ))
         })?;
+    if files.inputs.is_empty() {
+        return Err(VmmError::Failed(
+            "a run needs at least one input file".into(),
+        ));
+    }
+    if files.inputs.len() + files.outputs.len() > limits::MAX_OPEN_FILES {
+        return Err(VmmError::Failed(format!(
+            "more than {} files in one run (MAX_OPEN_FILES)",
+            limits::MAX_OPEN_FILES
+        )));
+    }
     let gate = gate::Gate::new(&config.allow_dirs);
-    process::run(memory, config.timeout, gate, root, request, elf)
+    process::run(memory, config.timeout, gate, files, request, progress, elf)
 }

@@ -47,3 +47,20 @@ pub const MAX_REPORT_BYTES: u64 = MAX_MESSAGE_BYTES + (4 << 20);
 /// 4096 keep a reply near 80 KiB, far inside the mailbox; a more
 /// fragmented file takes further calls.
 pub const MAX_DATA_EXTENTS: usize = 4096;
+
+/// Largest byte count of one WRITE call: like [`MAX_READ_BYTES`], bounds
+/// the time of one exit and the host's pwrite size; the guest splits
+/// bigger writes.
+pub const MAX_WRITE_BYTES: u64 = 16 << 20;
+
+/// Extra VM exits allowed per MiB of [`crate::RunFiles::output_limit`] on
+/// top of [`MAX_EXITS`]: a convert moves its data in batches of MiBs (one
+/// read and one write exit each, plus progress), so a large image needs
+/// more exits than `info` ever does, in proportion to its size. A guest
+/// looping on tiny calls is still stopped long before the deadline.
+pub const EXITS_PER_OUTPUT_MIB: u64 = 8;
+
+/// Output writes queued on the sandbox's writer thread at once (each a
+/// copy of at most [`MAX_WRITE_BYTES`]): two let one batch be written while
+/// the guest reads the next, and bound the host memory for it.
+pub const WRITES_IN_FLIGHT: usize = 2;

@@ -6,10 +6,10 @@
 
 use crate::gate::Gate;
 use crate::memory::GuestMemory;
-use crate::{limits, OpenedFile, VmmError};
+use crate::{limits, OpenedFile, RunFiles, VmmError};
 use instar_wire::mailbox::{
     Le64, MailboxHeader, HEADER_BYTES, MAGIC, MAILBOX_ADDR, MESSAGE_ADDR, MESSAGE_CAPACITY,
-    PORT_CALL, PORT_DONE, PORT_PANIC, PORT_READ, PROTOCOL_VERSION, STATUS_OK,
+    PORT_CALL, PORT_DONE, PORT_PANIC, PORT_READ, PORT_WRITE, PROTOCOL_VERSION, STATUS_OK,
 };
 use instar_wire::{DataExtents, ErrorKind, HostCall, HostReply, ImageError, Request, Response};
 use std::os::unix::fs::FileExt;
@@ -33,6 +33,21 @@ pub struct HostMailbox {
     pub reads: u64,
     /// Bytes read for the guest.
     pub bytes_read: u64,
+    /// WRITE calls served.
+    pub writes: u64,
+    /// Bytes written for the guest.
+    pub bytes_written: u64,
+    /// Most exits this run may make (see [`limits::EXITS_PER_OUTPUT_MIB`]).
+    pub exit_limit: u64,
+    /// Writable outputs, by OutId (shared with the writer thread).
+    outputs: std::sync::Arc<Vec<std::fs::File>>,
+    /// The writer thread, when started (see [`crate::writer`]); without
+    /// it writes are synchronous.
+    writer: Option<crate::writer::Writer>,
+    /// No output byte at or past this offset may be written.
+    output_limit: u64,
+    /// Where progress calls go (the report socket, in the sandbox).
+    progress: Option<Box<dyn FnMut(u64, u64)>>,
 }
 
 fn violation(what: impl std::fmt::Display) -> VmmError {
@@ -42,13 +57,61 @@ fn violation(what: impl std::fmt::Display) -> VmmError {
 impl HostMailbox {
     /// State for a run with `root` as file 0.
     pub fn new(root: OpenedFile, gate: Gate) -> Self {
+        Self::with_files(
+            RunFiles {
+                inputs: vec![root],
+                outputs: Vec::new(),
+                output_names: Vec::new(),
+                output_limit: 0,
+            },
+            gate,
+        )
+    }
+
+    /// State for a run with `files.inputs` as files 0.. and the outputs.
+    pub fn with_files(files: RunFiles, gate: Gate) -> Self {
+        let extra = (files.output_limit >> 20).saturating_mul(limits::EXITS_PER_OUTPUT_MIB);
         Self {
-            files: vec![root],
+            files: files.inputs,
             gate,
             exits: 0,
             reads: 0,
             bytes_read: 0,
+            writes: 0,
+            bytes_written: 0,
+            exit_limit: limits::MAX_EXITS.saturating_add(extra),
+            outputs: std::sync::Arc::new(files.outputs),
+            writer: None,
+            output_limit: files.output_limit,
+            progress: None,
         }
+    }
+
+    /// Write outputs on a second thread that runs `confine` first (see
+    /// [`crate::writer`]). Nothing to do for a run without outputs.
+    pub fn spawn_writer(
+        &mut self,
+        confine: impl FnOnce() -> Result<(), VmmError> + Send + 'static,
+    ) -> Result<(), VmmError> {
+        if !self.outputs.is_empty() {
+            self.writer = Some(crate::writer::Writer::spawn(self.outputs.clone(), confine)?);
+        }
+        Ok(())
+    }
+
+    /// Wait for queued writes; the first failure, in qemu-img's words.
+    fn drain_writes(&mut self) -> Result<Option<String>, VmmError> {
+        let Some(w) = self.writer.as_mut() else {
+            return Ok(None);
+        };
+        let failed = w.drain()?;
+        self.bytes_written += std::mem::take(&mut w.bytes_written);
+        Ok(failed.map(|(at, errno)| write_error(at, errno)))
+    }
+
+    /// Send the guest's progress calls to `f`.
+    pub fn set_progress(&mut self, f: Box<dyn FnMut(u64, u64)>) {
+        self.progress = Some(f);
     }
 
     /// Write the header and the request before the guest starts.
@@ -132,6 +195,13 @@ impl HostMailbox {
                 Self::put_header(memory, &header)?;
                 Ok(Exit::Continue)
             }
+            PORT_WRITE => {
+                let (status, at) = self.write(&header, memory)?;
+                header.status = Le64::new(status);
+                header.offset = Le64::new(at);
+                Self::put_header(memory, &header)?;
+                Ok(Exit::Continue)
+            }
             PORT_CALL => {
                 let message = Self::message(memory, &header, limits::MAX_MESSAGE_BYTES)?;
                 let call: HostCall = postcard::from_bytes(message)
@@ -153,8 +223,15 @@ impl HostMailbox {
             }
             PORT_DONE => {
                 let message = Self::message(memory, &header, limits::MAX_MESSAGE_BYTES)?;
-                let response: Response =
+                let mut response: Response =
                     postcard::from_bytes(message).map_err(|_| violation("undecodable response"))?;
+                // A write that failed after its exit returned fails the run
+                // here, whatever the guest concluded.
+                if let Some(message) = self.drain_writes()? {
+                    if !matches!(response, Response::Error(_)) {
+                        response = Response::Error(ImageError::operation(message));
+                    }
+                }
                 Ok(Exit::Done(Box::new(response)))
             }
             PORT_PANIC => {
@@ -210,6 +287,86 @@ impl HostMailbox {
         Ok(STATUS_OK)
     }
 
+    /// PORT_WRITE: guest memory to an output. Everything the guest names is
+    /// checked first (a protocol violation ends the run); an OS error is
+    /// the guest's to report (errno in `status`, the offset it failed at in
+    /// `offset`: with the writer thread it may be an earlier write's).
+    fn write(
+        &mut self,
+        header: &MailboxHeader,
+        memory: &GuestMemory,
+    ) -> Result<(u64, u64), VmmError> {
+        let (id, offset, length, buffer) = (
+            header.file.get(),
+            header.offset.get(),
+            header.length.get(),
+            header.buffer.get(),
+        );
+        let outputs = self.outputs.clone();
+        let file = usize::try_from(id)
+            .ok()
+            .and_then(|i| outputs.get(i))
+            .ok_or_else(|| violation(format!("write to unknown output {id}")))?;
+        if length > limits::MAX_WRITE_BYTES {
+            return Err(violation(format!(
+                "write of {length} bytes exceeds MAX_WRITE_BYTES ({})",
+                limits::MAX_WRITE_BYTES
+            )));
+        }
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > self.output_limit)
+        {
+            return Err(violation(format!(
+                "write at {offset}+{length} past the output limit of {} bytes",
+                self.output_limit
+            )));
+        }
+        let buf = memory.slice(buffer, length).ok_or_else(|| {
+            violation(format!(
+                "write source {buffer:#x}+{length} is outside guest memory"
+            ))
+        })?;
+        self.writes += 1;
+        let result = match self.writer.as_mut() {
+            Some(w) => match w.submit(id as usize, offset, buf)? {
+                Some(failed) => Err(failed),
+                None => Ok(0),
+            },
+            None => crate::writer::write_all(file, offset, buf),
+        };
+        match result {
+            Ok(n) => {
+                self.bytes_written += n;
+                Ok((STATUS_OK, offset))
+            }
+            Err((at, errno)) => Ok((errno as u64, at)),
+        }
+    }
+
+    fn set_output_length(&mut self, id: u32, length: u64) -> Result<HostReply, VmmError> {
+        if let Some(message) = self.drain_writes()? {
+            return Ok(HostReply::Failed(ImageError::operation(message)));
+        }
+        let file = self
+            .outputs
+            .get(id as usize)
+            .ok_or_else(|| violation(format!("length of unknown output {id}")))?;
+        if length > self.output_limit {
+            return Err(violation(format!(
+                "output length {length} past the output limit of {} bytes",
+                self.output_limit
+            )));
+        }
+        Ok(match file.set_len(length) {
+            Ok(()) => HostReply::Done,
+            Err(e) => HostReply::Failed(ImageError::operation(format!(
+                "Could not resize image: {}",
+                crate::os_error(e)
+            ))),
+        })
+    }
+
     /// Open `path`, a name found in the file shown as `base`, through the
     /// gate, within the per-call limits.
     fn open_file(&mut self, base: &str, path: &str) -> HostReply {
@@ -259,12 +416,40 @@ impl HostMailbox {
                     .ok_or_else(|| violation(format!("hole map of unknown file id {file}")))?;
                 Ok(HostReply::DataExtents(data_extents(&f.file, offset)))
             }
-            HostCall::SetOutputLength { file, .. } => {
-                Err(violation(format!("length of unknown output {file}")))
+            HostCall::Length { file } => {
+                let f = self
+                    .files
+                    .get(file as usize)
+                    .ok_or_else(|| violation(format!("length of unknown file id {file}")))?;
+                Ok(match f.file.metadata() {
+                    Ok(m) => HostReply::Opened {
+                        file,
+                        length: m.len(),
+                    },
+                    Err(e) => HostReply::Failed(ImageError::operation(format!(
+                        "Could not open '{}': {}",
+                        f.display_name,
+                        crate::os_error(e)
+                    ))),
+                })
             }
-            HostCall::Progress { .. } => Ok(HostReply::Done),
+            HostCall::SetOutputLength { file, length } => self.set_output_length(file, length),
+            HostCall::Progress { done, total } => {
+                if let Some(f) = self.progress.as_mut() {
+                    f(done, total);
+                }
+                Ok(HostReply::Done)
+            }
         }
     }
+}
+
+/// qemu-img convert's message for a failed write.
+fn write_error(at: u64, errno: i32) -> String {
+    let text = crate::strerror(errno)
+        .map(String::from)
+        .unwrap_or_else(|| crate::os_error(std::io::Error::from_raw_os_error(errno)));
+    format!("error while writing at byte {at}: {text}")
 }
 
 /// The data ranges of `file` from `offset` on, by SEEK_DATA/SEEK_HOLE as
@@ -435,6 +620,110 @@ mod tests {
             mb.handle(PORT_READ, &mut memory),
             Ok(Exit::Continue)
         ));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn writes_stay_inside_the_outputs_and_their_limit() {
+        let (mb, mut memory, path) = setup(b"data");
+        let out_path = path.with_extension("out");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&out_path)
+            .unwrap();
+        let root = mb.files.into_iter().next().unwrap();
+        let mut mb = HostMailbox::with_files(
+            RunFiles {
+                inputs: vec![root],
+                outputs: vec![out],
+                output_names: vec!["out".into()],
+                output_limit: 8192,
+            },
+            Gate::default(),
+        );
+        memory.write(HEAP_ADDR, b"0123456789").unwrap();
+        set(&mut memory, |h| {
+            h.file = Le64::new(0);
+            h.offset = Le64::new(4000);
+            h.length = Le64::new(10);
+            h.buffer = Le64::new(HEAP_ADDR);
+        });
+        assert!(matches!(
+            mb.handle(PORT_WRITE, &mut memory),
+            Ok(Exit::Continue)
+        ));
+        assert_eq!(
+            HostMailbox::header(&memory).unwrap().status.get(),
+            STATUS_OK
+        );
+        let written = std::fs::read(&out_path).unwrap();
+        assert_eq!(&written[4000..], b"0123456789");
+        assert_eq!((mb.writes, mb.bytes_written), (1, 10));
+        // Past the output limit, even by one byte.
+        set(&mut memory, |h| h.offset = Le64::new(8192 - 9));
+        assert!(err(mb.handle(PORT_WRITE, &mut memory)).contains("past the output limit"));
+        set(&mut memory, |h| h.offset = Le64::new(u64::MAX - 4));
+        assert!(err(mb.handle(PORT_WRITE, &mut memory)).contains("past the output limit"));
+        // An output that does not exist; an input is not an output.
+        set(&mut memory, |h| {
+            h.offset = Le64::new(0);
+            h.file = Le64::new(1);
+        });
+        assert!(err(mb.handle(PORT_WRITE, &mut memory)).contains("unknown output 1"));
+        // Guest memory bounds and the per-call size.
+        let size = memory.size();
+        set(&mut memory, |h| {
+            h.file = Le64::new(0);
+            h.buffer = Le64::new(size - 4);
+        });
+        assert!(err(mb.handle(PORT_WRITE, &mut memory)).contains("outside guest memory"));
+        set(&mut memory, |h| {
+            h.buffer = Le64::new(HEAP_ADDR);
+            h.length = Le64::new(limits::MAX_WRITE_BYTES + 1);
+        });
+        assert!(err(mb.handle(PORT_WRITE, &mut memory)).contains("MAX_WRITE_BYTES"));
+        // Lengths: within the limit they apply, past it they are refused.
+        assert_eq!(
+            mb.call(HostCall::SetOutputLength {
+                file: 0,
+                length: 8192
+            })
+            .unwrap(),
+            HostReply::Done
+        );
+        assert_eq!(std::fs::metadata(&out_path).unwrap().len(), 8192);
+        assert!(mb
+            .call(HostCall::SetOutputLength {
+                file: 0,
+                length: 8193
+            })
+            .is_err());
+        assert!(mb
+            .call(HostCall::SetOutputLength { file: 1, length: 0 })
+            .is_err());
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(out_path).unwrap();
+    }
+
+    #[test]
+    fn progress_and_lengths_of_inputs() {
+        let (mut mb, _memory, path) = setup(b"12345");
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let s = seen.clone();
+        mb.set_progress(Box::new(move |d, t| s.borrow_mut().push((d, t))));
+        assert_eq!(
+            mb.call(HostCall::Progress { done: 3, total: 9 }).unwrap(),
+            HostReply::Done
+        );
+        assert_eq!(*seen.borrow(), vec![(3, 9)]);
+        assert_eq!(
+            mb.call(HostCall::Length { file: 0 }).unwrap(),
+            HostReply::Opened { file: 0, length: 5 }
+        );
+        assert!(mb.call(HostCall::Length { file: 1 }).is_err());
         std::fs::remove_file(path).unwrap();
     }
 

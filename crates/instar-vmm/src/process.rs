@@ -5,14 +5,16 @@
 //! the guest, send the report, `_exit`. The report travels over a
 //! SOCK_SEQPACKET socket as messages tagged `F` (fds of files the guest had
 //! opened, SCM_RIGHTS, in order) and `D` (a chunk of the postcard-encoded
-//! [`Report`]); end of stream is the sandbox closing its end.
+//! [`Report`]); end of stream is the sandbox closing its end. While the
+//! guest runs, `P` messages (two little-endian u64: done, total) carry its
+//! progress calls to the caller's callback.
 
 use crate::gate::Gate;
 use crate::mailbox::HostMailbox;
 use crate::sandbox;
 use crate::vcpu::Vm;
 use crate::watchdog::Watchdog;
-use crate::{kvm, limits, OpenedFile, Outcome, RunStats, VmmError};
+use crate::{kvm, limits, OpenedFile, Outcome, RunFiles, RunStats, VmmError};
 use instar_wire::{Request, Response};
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -34,7 +36,8 @@ enum ReportResult {
 #[derive(Serialize, Deserialize)]
 struct Report {
     result: ReportResult,
-    /// Display names of files 1.. (the fds come in `F` messages).
+    /// Display names of the files the guest opened, after the inputs (the
+    /// fds come in `F` messages).
     names: Vec<String>,
     stats: RunStats,
 }
@@ -47,8 +50,9 @@ pub(crate) fn run(
     memory: u64,
     timeout: Duration,
     gate: Gate,
-    root: OpenedFile,
+    files: RunFiles,
     request: &Request,
+    progress: &mut dyn FnMut(u64, u64),
     elf: &[u8],
 ) -> Result<Outcome, VmmError> {
     let watchdog = Watchdog::arm(timeout);
@@ -89,7 +93,7 @@ pub(crate) fn run(
     if pid == 0 {
         drop(ours);
         let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            sandbox_main(theirs, memory, gate, root, request, elf)
+            sandbox_main(theirs, memory, gate, files, request, elf)
         })) {
             Ok(()) => 0,
             Err(_) => 101,
@@ -100,7 +104,10 @@ pub(crate) fn run(
         unsafe { libc::_exit(code) };
     }
     drop(theirs);
-    let (data, fds) = match receive(&ours, pid, &watchdog) {
+    let RunFiles {
+        inputs, outputs, ..
+    } = files;
+    let (data, fds) = match receive(&ours, pid, &watchdog, progress) {
         Ok(r) => r,
         Err(Received::Timeout) => {
             return Err(VmmError::Failed(format!(
@@ -134,7 +141,7 @@ pub(crate) fn run(
                     fds.len()
                 )));
             }
-            let mut files = vec![root];
+            let mut files = inputs;
             for (display_name, fd) in report.names.into_iter().zip(fds) {
                 files.push(OpenedFile {
                     display_name,
@@ -144,6 +151,7 @@ pub(crate) fn run(
             Ok(Outcome {
                 response,
                 files,
+                outputs,
                 stats,
             })
         }
@@ -208,6 +216,7 @@ fn receive(
     sock: &OwnedFd,
     pid: libc::pid_t,
     watchdog: &Watchdog,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Vec<u8>, Vec<OwnedFd>), Received> {
     let mut data = Vec::new();
     let mut fds = Vec::new();
@@ -240,6 +249,14 @@ fn receive(
         }
         match buf[0] {
             b'F' => fds.extend(got),
+            b'P' if got.is_empty() && n == 17 => {
+                let word = |i: usize| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&buf[i..i + 8]);
+                    u64::from_le_bytes(b)
+                };
+                progress(word(1), word(9));
+            }
             b'D' if got.is_empty() => {
                 if data.len() as u64 + n as u64 > limits::MAX_REPORT_BYTES {
                     return Err(fail(format!(
@@ -364,14 +381,17 @@ fn sandbox_main(
     sock: OwnedFd,
     memory: u64,
     gate: Gate,
-    root: OpenedFile,
+    files: RunFiles,
     request: &Request,
     elf: &[u8],
 ) {
     let sock_fd = sock.as_raw_fd();
-    sandbox::close_other_fds(&[0, 1, 2, root.file.as_raw_fd(), sock_fd]);
+    let mut keep = vec![0, 1, 2, sock_fd];
+    keep.extend(files.inputs.iter().map(|f| f.file.as_raw_fd()));
+    keep.extend(files.outputs.iter().map(|f| f.as_raw_fd()));
+    sandbox::close_other_fds(&keep);
     let mut stats = RunStats::default();
-    let mut files = Vec::new();
+    let mut opened = Vec::new();
     // The VM outlives the report: tearing it down (VM fd, guest RAM) takes
     // a millisecond or more, which the caller should not wait for. It goes
     // away with the process after the socket is closed.
@@ -379,12 +399,12 @@ fn sandbox_main(
     let result = match run_guest(
         memory,
         gate,
-        root,
+        files,
         request,
         elf,
         sock_fd,
         &mut stats,
-        &mut files,
+        &mut opened,
         &mut parked,
     ) {
         Ok(response) => ReportResult::Ok(response),
@@ -393,12 +413,12 @@ fn sandbox_main(
     };
     let ok = matches!(result, ReportResult::Ok(_));
     let names: Vec<String> = if ok {
-        files.iter().map(|f| f.display_name.clone()).collect()
+        opened.iter().map(|f| f.display_name.clone()).collect()
     } else {
         Vec::new()
     };
     if ok {
-        let raw: Vec<RawFd> = files.iter().map(|f| f.file.as_raw_fd()).collect();
+        let raw: Vec<RawFd> = opened.iter().map(|f| f.file.as_raw_fd()).collect();
         for chunk in raw.chunks(FDS_PER_MESSAGE) {
             if send(sock_fd, b'F', &[], chunk).is_err() {
                 return;
@@ -428,7 +448,7 @@ fn sandbox_main(
 fn run_guest(
     memory: u64,
     gate: Gate,
-    root: OpenedFile,
+    files: RunFiles,
     request: &Request,
     elf: &[u8],
     sock_fd: RawFd,
@@ -441,11 +461,26 @@ fn run_guest(
     let vm = parked.insert(Vm::new(&kvm, memory, elf)?);
     drop(kvm);
     let allowed = gate.allowed().to_vec();
-    let mut mailbox = HostMailbox::new(root, gate);
+    let inputs = files.inputs.len();
+    let output_fds: Vec<RawFd> = files.outputs.iter().map(|f| f.as_raw_fd()).collect();
+    let mut mailbox = HostMailbox::with_files(files, gate);
+    mailbox.set_progress(Box::new(move |done, total| {
+        let mut payload = [0u8; 16];
+        payload[..8].copy_from_slice(&done.to_le_bytes());
+        payload[8..].copy_from_slice(&total.to_le_bytes());
+        // A caller that stopped listening is handled by its deadline.
+        let _ = send(sock_fd, b'P', &payload, &[]);
+    }));
     mailbox.start(&mut vm.memory, request)?;
+    // The writer thread confines itself (Landlock and seccomp hold per
+    // thread) before it takes a job; the run starts only after that.
+    let (writer_allowed, writer_fds) = (allowed.clone(), output_fds.clone());
+    mailbox.spawn_writer(move || {
+        sandbox::confine(&writer_allowed, sock_fd, &writer_fds).map(|_| ())
+    })?;
     stats.setup_us = t0.elapsed().as_micros() as u64;
     let t1 = Instant::now();
-    stats.landlock = sandbox::confine(&allowed, sock_fd)?;
+    stats.landlock = sandbox::confine(&allowed, sock_fd, &output_fds)?;
     stats.confine_us = t1.elapsed().as_micros() as u64;
     let t2 = Instant::now();
     let result = vm.run(&mut mailbox);
@@ -453,7 +488,9 @@ fn run_guest(
     stats.exits = mailbox.exits;
     stats.reads = mailbox.reads;
     stats.bytes_read = mailbox.bytes_read;
+    stats.writes = mailbox.writes;
+    stats.bytes_written = mailbox.bytes_written;
     let response = result?;
-    files_out.extend(mailbox.files.drain(1..));
+    files_out.extend(mailbox.files.drain(inputs..));
     Ok(response)
 }

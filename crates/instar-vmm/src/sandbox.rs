@@ -55,6 +55,10 @@ enum Args {
     /// `lseek(_, _, SEEK_DATA)` or `lseek(_, _, SEEK_HOLE)`: hole maps
     /// only, never a plain seek.
     SeekDataHole,
+    /// First argument is one of the run's output fds (the descriptors the
+    /// caller opened for writing; they keep their numbers through
+    /// [`close_other_fds`]). Not allowed at all in a run without outputs.
+    OutputFd,
 }
 
 /// The reviewed allowlist: syscall, argument rule, who needs it. Both
@@ -63,6 +67,8 @@ enum Args {
 const ALLOWLIST: &[(i64, &str, Args, &str)] = &[
     (libc::SYS_ioctl, "ioctl", Args::KvmRun, "the run loop; no other KVM ioctl after setup"),
     (libc::SYS_pread64, "pread64", Args::Any, "READ calls: pread into guest memory"),
+    (libc::SYS_pwrite64, "pwrite64", Args::OutputFd, "WRITE calls: guest memory to an output"),
+    (libc::SYS_ftruncate, "ftruncate", Args::OutputFd, "SetOutputLength: the length of an output"),
     (libc::SYS_lseek, "lseek", Args::SeekDataHole, "hole maps (map of raw files): SEEK_DATA/SEEK_HOLE"),
     (libc::SYS_openat, "openat", Args::ReadOnlyOpen, "gate opens, read-only (Landlock limits where)"),
     (libc::SYS_open, "open", Args::ReadOnlyOpenLegacy, "gate opens with musl, read-only"),
@@ -87,7 +93,8 @@ const ALLOWLIST: &[(i64, &str, Args, &str)] = &[
     (libc::SYS_mremap, "mremap", Args::Any, "realloc of large buffers"),
     (libc::SYS_brk, "brk", Args::Any, "malloc of small buffers"),
     (libc::SYS_madvise, "madvise", Args::Any, "malloc trimming"),
-    (libc::SYS_futex, "futex", Args::Any, "std/libc locks"),
+    (libc::SYS_futex, "futex", Args::Any, "std/libc locks, the writer thread's channels"),
+    (libc::SYS_sched_yield, "sched_yield", Args::Any, "std channel backoff between the two threads"),
     (libc::SYS_rt_sigreturn, "rt_sigreturn", Args::Any, "return from a signal handler"),
     (libc::SYS_rt_sigprocmask, "rt_sigprocmask", Args::Any, "abort() blocks signals"),
     (libc::SYS_getpid, "getpid", Args::Any, "abort() raises SIGABRT on itself"),
@@ -110,13 +117,28 @@ fn cond(
     SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
 }
 
-/// Compile the allowlist for a process whose report socket is `socket`.
-fn filter(socket: RawFd) -> Result<BpfProgram, VmmError> {
+/// Compile the allowlist for a process whose report socket is `socket` and
+/// whose writable outputs are `outputs`.
+fn filter(socket: RawFd, outputs: &[RawFd]) -> Result<BpfProgram, VmmError> {
     let fail = |e: &dyn std::fmt::Display| {
         VmmError::Failed(format!("cannot build the seccomp filter: {e}"))
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(nr, _, args, _) in ALLOWLIST {
+        if let Args::OutputFd = args {
+            // One rule per fd, OR-ed. No outputs: no rule at all (an empty
+            // rule list would mean "any arguments" to seccompiler).
+            if outputs.is_empty() {
+                continue;
+            }
+            let mut chain = Vec::new();
+            for &fd in outputs {
+                let c = cond(0, SeccompCmpOp::Eq, fd as u64).map_err(|e| fail(&e))?;
+                chain.push(SeccompRule::new(vec![c]).map_err(|e| fail(&e))?);
+            }
+            rules.insert(nr, chain);
+            continue;
+        }
         let conditions = match args {
             Args::Any => None,
             Args::KvmRun => Some(vec![cond(1, SeccompCmpOp::Eq, KVM_RUN)]),
@@ -145,6 +167,7 @@ fn filter(socket: RawFd) -> Result<BpfProgram, VmmError> {
             Args::AbortTkill => Some(vec![cond(1, SeccompCmpOp::Eq, libc::SIGABRT as u64)]),
             Args::FdFlags => Some(vec![cond(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)]),
             Args::SeekDataHole => Some(vec![cond(2, SeccompCmpOp::Eq, libc::SEEK_DATA as u64)]),
+            Args::OutputFd => unreachable!("handled above"),
         };
         let mut chain = Vec::new();
         if let Some(c) = conditions {
@@ -210,8 +233,14 @@ pub fn close_other_fds(keep: &[RawFd]) {
 }
 
 /// Apply Landlock (read-only beneath `allow`) then seccomp to this process.
-pub fn confine(allow: &[PathBuf], socket: RawFd) -> Result<LandlockState, VmmError> {
-    let program = filter(socket)?;
+/// `outputs` are the already-open fds it may write (pwrite64, ftruncate);
+/// Landlock stays read-only, so no file can be opened for writing by path.
+pub fn confine(
+    allow: &[PathBuf],
+    socket: RawFd,
+    outputs: &[RawFd],
+) -> Result<LandlockState, VmmError> {
+    let program = filter(socket, outputs)?;
     let landlock = landlock(allow);
     seccompiler::apply_filter(&program)
         .map_err(|e| VmmError::Failed(format!("cannot apply the seccomp filter: {e}")))?;
@@ -252,7 +281,8 @@ mod tests {
 
     #[test]
     fn allowlist_compiles_and_is_unique() {
-        assert!(filter(5).is_ok());
+        assert!(filter(5, &[]).is_ok());
+        assert!(filter(5, &[6, 7]).is_ok());
         let mut names: Vec<_> = ALLOWLIST.iter().map(|a| a.0).collect();
         names.sort_unstable();
         names.dedup();
@@ -267,7 +297,7 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let code = match confine(allow, -1) {
+            let code = match confine(allow, -1, &[]) {
                 Ok(LandlockState::Full) => f(),
                 Ok(_) => 77, // kernel without (full) Landlock: skip
                 Err(_) => 99,
@@ -306,6 +336,75 @@ mod tests {
             77 => eprintln!("skipped: Landlock not fully available"),
             code => panic!("landlock check failed with {code}"),
         }
+    }
+
+    /// Fork, confine with `outputs` as the writable fds, run `f`; gives
+    /// the wait status.
+    fn in_child_with_outputs(outputs: &[RawFd], f: impl FnOnce() -> i32) -> libc::c_int {
+        // SAFETY: as in `in_confined_child`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = match confine(&[std::env::temp_dir()], -1, outputs) {
+                Ok(_) => f(),
+                Err(_) => 99,
+            };
+            // SAFETY: as in `in_confined_child`.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: our child; status is a local.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    fn killed_by_seccomp(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    #[test]
+    fn outputs_are_writable_by_fd_only() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let dir = std::env::temp_dir();
+        let out_path = dir.join(format!("instar-out-{}", std::process::id()));
+        let other_path = dir.join(format!("instar-other-{}", std::process::id()));
+        let out = std::fs::File::create(&out_path).unwrap();
+        let other = std::fs::File::create(&other_path).unwrap();
+        let fd = out.as_raw_fd();
+        // The output fd: pwrite and ftruncate work.
+        let status = in_child_with_outputs(&[fd], || {
+            let ok = out.write_at(b"abc", 10).is_ok() && out.set_len(100).is_ok();
+            i32::from(!ok)
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+        assert_eq!(std::fs::metadata(&out_path).unwrap().len(), 100);
+        // Another writable fd the process happens to hold: killed.
+        let status = in_child_with_outputs(&[fd], || {
+            let _ = other.write_at(b"abc", 0);
+            0
+        });
+        assert!(killed_by_seccomp(status), "status {status:#x}");
+        // The output by its path, for writing: killed (seccomp allows
+        // read-only opens only; Landlock would refuse it too).
+        let p = out_path.clone();
+        let status = in_child_with_outputs(&[fd], move || {
+            let _ = std::fs::OpenOptions::new().write(true).open(&p);
+            0
+        });
+        assert!(killed_by_seccomp(status), "status {status:#x}");
+        // No outputs: no pwrite at all.
+        let status = in_child_with_outputs(&[], || {
+            let _ = out.write_at(b"abc", 0);
+            0
+        });
+        assert!(killed_by_seccomp(status), "status {status:#x}");
+        assert_eq!(std::fs::read(&other_path).unwrap(), b"");
+        let _ = std::fs::remove_file(out_path);
+        let _ = std::fs::remove_file(other_path);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use crate::mailbox::{Exit, HostMailbox};
 use crate::memory::GuestMemory;
-use crate::{limits, VmmError};
+use crate::VmmError;
 use instar_wire::mailbox::{
     CODE_ADDR, CODE_LIMIT, MAILBOX_ADDR, PAGE_SIZE, STACK_BOTTOM, STACK_TOP,
 };
@@ -103,10 +103,10 @@ impl Vm {
     pub fn run(&mut self, mailbox: &mut HostMailbox) -> Result<instar_wire::Response, VmmError> {
         loop {
             mailbox.exits += 1;
-            if mailbox.exits > limits::MAX_EXITS {
+            if mailbox.exits > mailbox.exit_limit {
                 return Err(VmmError::Failed(format!(
                     "guest made more than {} calls (MAX_EXITS); stopped",
-                    limits::MAX_EXITS
+                    mailbox.exit_limit
                 )));
             }
             let port = match self.vcpu.run() {

@@ -210,3 +210,92 @@ fn spinning_guest_hits_the_deadline() {
     assert!(text.contains("deadline"), "{text}");
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// A raw-to-raw convert of two concatenated sources through the real VM:
+/// the output holds exactly their content (holes stay holes), progress
+/// reaches the total, and the outputs come back to the caller.
+#[test]
+fn run_files_converts_into_the_outputs() {
+    use instar_wire::convert::{Preallocation, TargetOptions};
+    use instar_wire::{ConvertSource, ConvertTarget};
+    if !kvm_usable() {
+        return;
+    }
+    let mut a = vec![0u8; 3 << 20];
+    a[..8192].fill(0x11);
+    a[(2 << 20) + 512..(2 << 20) + 4096].fill(0x22);
+    let b: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+    let pa = temp_image("rfa", &a);
+    let pb = pa.with_file_name("b.img");
+    std::fs::write(&pb, &b).unwrap();
+    let out_path = pa.with_file_name("out.raw");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&out_path)
+        .unwrap();
+    let config = SandboxConfig {
+        allow_dirs: vec![pa.parent().unwrap().to_path_buf()],
+        ..Default::default()
+    };
+    let name = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let request = Request::Convert {
+        sources: vec![
+            ConvertSource {
+                format: Some("raw".into()),
+                filename: name(&pa),
+            },
+            ConvertSource {
+                format: Some("raw".into()),
+                filename: name(&pb),
+            },
+        ],
+        target: ConvertTarget {
+            options: TargetOptions::Raw {
+                preallocation: Preallocation::Off,
+            },
+            compress: false,
+            size: None,
+        },
+        outputs: vec![name(&out_path)],
+        sparse_size: 4096,
+        snapshot: None,
+        target_has_backing: false,
+        max_chain_depth: 4,
+        progress: true,
+    };
+    let files = instar_vmm::RunFiles {
+        inputs: vec![open(&pa), open(&pb)],
+        outputs: vec![out],
+        output_names: vec![name(&out_path)],
+        output_limit: 4 << 20,
+    };
+    let mut seen = Vec::new();
+    let outcome = instar_vmm::run_files(&config, files, &request, &mut |d, t| seen.push((d, t)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    match &outcome.response {
+        Response::Convert(r) => assert_eq!(r.virtual_size, 4 << 20),
+        other => panic!("convert got {other:?}"),
+    }
+    assert_eq!(outcome.outputs.len(), 1);
+    assert_eq!(seen.last(), Some(&(4 << 20, 4 << 20)));
+    let mut want = a.clone();
+    want.extend_from_slice(&b);
+    assert!(std::fs::read(&out_path).unwrap() == want, "content differs");
+    // The zeros of `a` were not written: far less than 3 MiB is allocated.
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&out_path).unwrap().blocks() * 512 < (2 << 20));
+    // Output limit: a target larger than it is stopped by the host.
+    let out2 = pa.with_file_name("out2.raw");
+    let files = instar_vmm::RunFiles {
+        inputs: vec![open(&pa), open(&pb)],
+        outputs: vec![std::fs::File::create(&out2).unwrap()],
+        output_names: vec![name(&out2)],
+        output_limit: 1 << 20,
+    };
+    let err = instar_vmm::run_files(&config, files, &request, &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("output limit"), "{err}");
+    let _ = std::fs::remove_dir_all(pa.parent().unwrap());
+}

@@ -191,9 +191,12 @@ pub struct ConvertResult {
 /// 3/4 for its own failures).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompareResult {
-    /// Lines for stdout, without newlines.
+    /// Lines for stdout, without newlines (with `-p`, progress text
+    /// ending in `\r` leads the line printed after it).
     pub stdout: Vec<String>,
-    /// Lines for stderr (without the `qemu-img: ` prefix), in order.
+    /// Text for stderr in the order printed, each piece as it is (lines
+    /// end in their newline; qcow2's leak hint has none): `qemu-img: ...`,
+    /// a driver's own lines, or `instar: ...` for instar's limits.
     pub stderr: Vec<String>,
     /// qemu-img's exit code.
     pub exit_code: u8,

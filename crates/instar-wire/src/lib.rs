@@ -119,6 +119,8 @@ pub enum Request {
         filename_b: String,
         /// `-s`: strict (sizes must match, allocation must match).
         strict: bool,
+        /// `-p` (and not `-q`): stdout carries qemu's progress lines.
+        progress: bool,
         /// Backing files the guest may open below each image.
         max_chain_depth: u32,
     },
@@ -247,6 +249,14 @@ pub enum HostCall {
         file: OutId,
         /// New length (within the host's output limit).
         length: u64,
+    },
+    /// The length of input `file` (one of the files the host opened for
+    /// the call: `compare`'s second image, `convert`'s later sources; the
+    /// header only carries the root's). Answered with
+    /// [`HostReply::Opened`].
+    Length {
+        /// A file of this call.
+        file: FileId,
     },
     /// `-p`: the guest has converted `done` of `total` units.
     Progress {

@@ -114,6 +114,10 @@ pub enum Action {
     Measure(crate::measure::MeasureArgs),
     /// `check`.
     Check(crate::check::CheckArgs),
+    /// `compare`.
+    Compare(crate::compare::CompareArgs),
+    /// `convert`.
+    Convert(crate::convert::ConvertArgs),
     /// A qemu-img command instar does not have yet.
     NotImplemented(String),
 }
@@ -355,6 +359,9 @@ pub struct Grammar {
     pub style: UsageStyle,
     /// `info` has `-t/--cache` and `--limits` (10.2).
     pub info_cache_limits: bool,
+    /// The imitated version (`convert`'s options and messages changed
+    /// release by release).
+    pub version: crate::profile::QemuVersion,
 }
 
 impl From<UsageStyle> for Grammar {
@@ -362,6 +369,7 @@ impl From<UsageStyle> for Grammar {
         Grammar {
             style,
             info_cache_limits: false,
+            version: crate::profile::NEWEST,
         }
     }
 }
@@ -474,6 +482,36 @@ pub fn parse(args: &[String], grammar: impl Into<Grammar>) -> Result<Action, Usa
         )
         .map(|r| match r {
             Ok(a) => Action::Check(a),
+            Err(help) => Action::Print(help),
+        }),
+        "compare" => crate::compare::parse(
+            &sub,
+            cmd_index,
+            usage.style,
+            &|m| usage.error_exit(Some("compare"), m),
+            &|f| usage.getopt(Some("compare"), f),
+            &|| match usage.style {
+                UsageStyle::Classic => main_help(),
+                _ => crate::compare::help(),
+            },
+        )
+        .map(|r| match r {
+            Ok(a) => Action::Compare(a),
+            Err(help) => Action::Print(help),
+        }),
+        "convert" => crate::convert::parse(
+            &sub,
+            cmd_index,
+            usage.style,
+            grammar.version,
+            &|f| usage.getopt(Some("convert"), f),
+            &|| match usage.style {
+                UsageStyle::Classic => main_help(),
+                _ => crate::convert::help(),
+            },
+        )
+        .map(|r| match r {
+            Ok(a) => Action::Convert(a),
             Err(help) => Action::Print(help),
         }),
         _ if QEMU_IMG_COMMANDS.iter().any(|(n, _)| *n == cmd) => {
@@ -825,7 +863,10 @@ Recognized commands (run qemu-img COMMAND --help for command-specific help):
 ",
     );
     for (name, what) in QEMU_IMG_COMMANDS {
-        let note = if matches!(*name, "info" | "map" | "check" | "measure") {
+        let note = if matches!(
+            *name,
+            "info" | "map" | "check" | "measure" | "compare" | "convert"
+        ) {
             ""
         } else {
             " (not implemented yet)"
@@ -936,6 +977,7 @@ mod tests {
         let g = Grammar {
             style: u,
             info_cache_limits: true,
+            version: crate::profile::NEWEST,
         };
         assert!(matches!(
             parse(

@@ -12,6 +12,13 @@ pub const DEFAULT_PATH: &str = "/etc/instar/config.toml";
 /// spin is cut off here.
 pub const DEFAULT_TIMEOUT_SECS: f64 = 60.0;
 
+/// Default deadline of `convert`'s copy. A convert moves every byte of
+/// the image through the sandbox (a few hundred MB/s), so the 60 s of
+/// `timeout` would cut off legitimate converts of a few tens of GiB; one
+/// hour covers about 1 TB at 300 MB/s. Opening the sources still runs
+/// under `timeout`.
+pub const DEFAULT_CONVERT_TIMEOUT_SECS: f64 = 3600.0;
+
 /// Default guest RAM (instar-vmm's default; touched lazily, so only what
 /// the guest uses costs host memory).
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -39,6 +46,7 @@ struct RawConfig {
     qemu_version: Option<String>,
     qemu_img: Option<PathBuf>,
     timeout: Option<f64>,
+    convert_timeout: Option<f64>,
     memory_mib: Option<u64>,
     allow_paths: Option<Vec<PathBuf>>,
     max_chain_depth: Option<usize>,
@@ -53,6 +61,8 @@ pub struct Config {
     pub qemu_img: Option<PathBuf>,
     /// Guest deadline, seconds.
     pub timeout_secs: f64,
+    /// Deadline of a `convert` copy, seconds.
+    pub convert_timeout_secs: f64,
     /// Guest RAM, MiB.
     pub memory_mib: u64,
     /// Extra directories where files named by an image may be opened.
@@ -69,6 +79,7 @@ impl Default for Config {
             qemu_version: None,
             qemu_img: None,
             timeout_secs: DEFAULT_TIMEOUT_SECS,
+            convert_timeout_secs: DEFAULT_CONVERT_TIMEOUT_SECS,
             memory_mib: DEFAULT_MEMORY_MIB,
             allow_paths: Vec::new(),
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
@@ -127,6 +138,9 @@ impl Config {
         c.qemu_img = raw.qemu_img;
         if let Some(t) = raw.timeout {
             c.timeout_secs = check_timeout(t).map_err(bad)?;
+        }
+        if let Some(t) = raw.convert_timeout {
+            c.convert_timeout_secs = check_timeout(t).map_err(bad)?;
         }
         if let Some(m) = raw.memory_mib {
             if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m) {

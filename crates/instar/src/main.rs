@@ -8,7 +8,9 @@
 
 mod check;
 mod cli;
+mod compare;
 mod config;
+mod convert;
 mod error;
 mod getopt;
 mod info;
@@ -94,6 +96,7 @@ fn real_main(args_os: Vec<OsString>) -> Result<Output, CliError> {
     let grammar = cli::Grammar {
         style: profile.usage,
         info_cache_limits: profile.info_cache_limits,
+        version: profile.version,
     };
     let action = cli::parse(&qargs, grammar).map_err(|e| CliError::Usage(e.0))?;
     match action {
@@ -132,6 +135,36 @@ fn real_main(args_os: Vec<OsString>) -> Result<Output, CliError> {
                 profile: &profile,
             };
             check::run(&call)
+        }
+        cli::Action::Compare(a) => {
+            let filenames = a.filename_index.map(|i| args_os[keep[i]].clone());
+            let call = compare::CompareCall {
+                args: &a,
+                filenames,
+                config: &config,
+                timeout: Duration::from_secs_f64(timeout_secs),
+                profile: &profile,
+            };
+            compare::run(&call)
+        }
+        cli::Action::Convert(a) => {
+            let call = convert::ConvertCall {
+                args: &a,
+                operands: a
+                    .operands
+                    .iter()
+                    .map(|&i| args_os[keep[i]].clone())
+                    .collect(),
+                config: &config,
+                timeout: Duration::from_secs_f64(timeout_secs),
+                // An explicit --timeout bounds the copy too.
+                convert_timeout: Duration::from_secs_f64(match &own.timeout {
+                    Some(_) => timeout_secs,
+                    None => config.convert_timeout_secs,
+                }),
+                profile: &profile,
+            };
+            convert::run(&call)
         }
         cli::Action::Map(a) => {
             let filename = args_os[keep[a.filename_index]].clone();

@@ -67,6 +67,8 @@ pub struct Qcow2Map {
     preallocated: Option<bool>,
     /// What qemu prints on stderr while opening (stale bitmaps).
     warnings: Vec<String>,
+    /// Compressed-cluster state, made on the first compressed read.
+    decompressor: Option<super::read::Decompressor>,
 }
 
 impl Qcow2Map {
@@ -118,7 +120,65 @@ impl Qcow2Map {
             backing_format,
             preallocated: None,
             warnings,
+            decompressor: None,
         })
+    }
+
+    /// Read the internal snapshot `id_or_name` instead of the active state,
+    /// as qemu's `bdrv_snapshot_load_tmp_by_id_or_name` does for
+    /// `convert -l`: its L1 table replaces the active one (an id match
+    /// first, then a name match); the virtual size stays the image's.
+    pub fn use_snapshot(&mut self, files: &mut dyn Files, id_or_name: &str) -> Result<()> {
+        let sn = self
+            .image
+            .snapshots
+            .iter()
+            .find(|s| s.id == id_or_name)
+            .or_else(|| self.image.snapshots.iter().find(|s| s.name == id_or_name))
+            .ok_or_else(|| ImageError::open("Failed to load snapshot: Can't find snapshot"))?;
+        let (offset, count) = (sn.l1_table_offset, sn.l1_size as u64);
+        if count > crate::limits::QCOW2_MAX_L1_BYTES / 8 {
+            return Err(ImageError::open(
+                "Failed to load snapshot: Snapshot L1 table too large",
+            ));
+        }
+        if (i64::MAX as u64 - count * 8) < offset
+            || offset & (self.image.header.cluster_size() - 1) != 0
+        {
+            return Err(ImageError::open(
+                "Failed to load snapshot: Snapshot L1 table offset invalid",
+            ));
+        }
+        let mut l1 = Vec::with_capacity(count as usize);
+        let per = (TABLE_CHUNK / 8) as u64;
+        let mut at = 0u64;
+        while at < count {
+            let n = (count - at).min(per);
+            let entries =
+                super::tables::read_entries(files, self.image.file, offset, at, n as usize)
+                    .map_err(|_| {
+                        ImageError::open(
+                            "Failed to load snapshot: Failed to read l1 table for snapshot",
+                        )
+                    })?;
+            l1.extend(entries);
+            at += n;
+        }
+        self.l1 = l1;
+        Ok(())
+    }
+
+    /// The L2 entry of the cluster holding guest `offset` (0 when none).
+    fn l2_entry(&self, files: &mut dyn Files, offset: u64) -> Result<u64> {
+        let h = &self.image.header;
+        let (cb, l2_bits) = (h.cluster_bits, h.l2_bits());
+        let l1_index = offset >> (cb + l2_bits);
+        let l2_index = (offset >> cb) & ((1u64 << l2_bits) - 1);
+        let l2_offset = self.l1.get(l1_index as usize).copied().unwrap_or(0) & L1E_OFFSET_MASK;
+        if l2_offset == 0 {
+            return Ok(0);
+        }
+        Ok(self.read_l2(files, l2_offset, l2_index, 1)?[0].0)
     }
 
     /// qemu's `qcow2_detect_metadata_preallocation`: far more clusters in
@@ -330,6 +390,35 @@ impl MapImage for Qcow2Map {
     }
     fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    fn load_snapshot(&mut self, files: &mut dyn Files, id_or_name: &str) -> Result<()> {
+        self.use_snapshot(files, id_or_name)
+    }
+
+    fn read(&mut self, files: &mut dyn Files, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let h = &self.image.header;
+        let (cb, cs, ctype) = (h.cluster_bits, h.cluster_size(), h.compression_type);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let within = (at & (cs - 1)) as usize;
+            let n = (cs as usize - within).min(buf.len() - done);
+            let entry = self.l2_entry(files, at)?;
+            if entry & OFLAG_COMPRESSED == 0 {
+                return Err(ImageError::operation(
+                    "internal error: read of a cluster that is not compressed",
+                ));
+            }
+            let file = self.image.file;
+            let d = self
+                .decompressor
+                .get_or_insert_with(|| super::read::Decompressor::new(cs));
+            let cluster = d.cluster(files, file, entry, cb, ctype)?;
+            buf[done..done + n].copy_from_slice(&cluster[within..within + n]);
+            done += n;
+        }
+        Ok(())
     }
 
     fn block_status(&mut self, files: &mut dyn Files, offset: u64, len: u64) -> Result<Extent> {

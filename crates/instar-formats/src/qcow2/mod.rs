@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod extensions;
 pub mod header;
 pub mod map;
+pub mod read;
 pub mod snapshot;
 pub mod tables;
 

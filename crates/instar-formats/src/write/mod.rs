@@ -13,7 +13,13 @@ use alloc::string::String;
 use instar_wire::convert::TargetOptions;
 use instar_wire::{ConvertTarget, OutId};
 
+mod ident;
+pub mod qcow2;
 pub mod raw;
+mod table;
+pub mod vhdx;
+pub mod vmdk;
+pub mod vpc;
 
 /// Where a writer's bytes go: output files by [`OutId`] (0 = the
 /// destination as named on the command line).
@@ -55,9 +61,15 @@ pub trait ImageWriter {
 /// Names of the files a target consists of, the first being `dst` itself
 /// (vmdk's flat and split subformats write extents beside the descriptor).
 /// The host creates them before the run and hands them over as outputs.
-pub fn output_files(target: &ConvertTarget, dst: &str, virtual_size: u64) -> alloc::vec::Vec<String> {
-    let _ = (target, virtual_size);
-    alloc::vec![String::from(dst)]
+pub fn output_files(
+    target: &ConvertTarget,
+    dst: &str,
+    virtual_size: u64,
+) -> alloc::vec::Vec<String> {
+    match &target.options {
+        TargetOptions::Vmdk(o) => vmdk::output_files(o, dst, virtual_size),
+        _ => alloc::vec![String::from(dst)],
+    }
 }
 
 /// Start writing a `virtual_size`-byte image of `target` into `sink`.
@@ -72,10 +84,33 @@ pub fn create(
             virtual_size,
             *preallocation,
         )?)),
-        _ => Err(instar_wire::ImageError::limit(
-            "convert to this format is not implemented yet",
-        )),
+        TargetOptions::Qcow2(o) => Ok(Box::new(qcow2::Qcow2Writer::create(
+            sink,
+            o,
+            target.compress,
+            virtual_size,
+        )?)),
+        TargetOptions::Vmdk(o) => Ok(Box::new(vmdk::VmdkWriter::create(
+            sink,
+            o,
+            target.compress,
+            virtual_size,
+            None,
+        )?)),
+        TargetOptions::Vpc(_) | TargetOptions::Vhdx(_) if target.compress => Err(
+            instar_wire::ImageError::operation("Compression not supported for this file format"),
+        ),
+        TargetOptions::Vpc(o) => Ok(Box::new(vpc::VpcWriter::create(sink, o, virtual_size)?)),
+        TargetOptions::Vhdx(o) => Ok(Box::new(vhdx::VhdxWriter::create(sink, o, virtual_size)?)),
     }
+}
+
+/// Whether `data` is all zeros (OR-folded in pages, which vectorizes).
+/// Sparse writers use it to leave blocks that would get only zeros
+/// unallocated, whatever sizes the engine cuts its writes to.
+pub(crate) fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// An in-memory [`Sink`] for tests: one growable buffer per output.
@@ -126,10 +161,14 @@ pub struct NoOutputs;
 
 impl Sink for NoOutputs {
     fn write_at(&mut self, _file: OutId, _offset: u64, _data: &[u8]) -> Result<()> {
-        Err(instar_wire::ImageError::operation("internal error: no output files"))
+        Err(instar_wire::ImageError::operation(
+            "internal error: no output files",
+        ))
     }
     fn set_len(&mut self, _file: OutId, _length: u64) -> Result<()> {
-        Err(instar_wire::ImageError::operation("internal error: no output files"))
+        Err(instar_wire::ImageError::operation(
+            "internal error: no output files",
+        ))
     }
     fn output_name(&self, _file: OutId) -> Option<&str> {
         None

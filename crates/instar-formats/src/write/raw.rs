@@ -13,7 +13,11 @@ pub struct RawWriter {
 impl RawWriter {
     /// Size the file (a hole of `virtual_size` bytes; preallocation is the
     /// host's business and not done yet).
-    pub fn create(sink: &mut dyn Sink, virtual_size: u64, preallocation: Preallocation) -> Result<Self> {
+    pub fn create(
+        sink: &mut dyn Sink,
+        virtual_size: u64,
+        preallocation: Preallocation,
+    ) -> Result<Self> {
         if preallocation != Preallocation::Off {
             return Err(instar_wire::ImageError::limit(
                 "convert with preallocation is not implemented yet",
