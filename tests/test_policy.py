@@ -79,6 +79,8 @@ def sub_run(cfg, tmp, name, binary, qemu_img, images):
         INSTAR_TEST_IMAGES=",".join(images),
         INSTAR_TEST_RESULTS_DIR=str(results),
         INSTAR_NO_GENERATE="1",
+        # The leak happens in the wrapper itself: trace from its execve on.
+        INSTAR_TRACED_PROGRAM=str(leak),
     )
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
