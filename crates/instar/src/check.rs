@@ -83,9 +83,6 @@ fn spec(style: UsageStyle) -> Spec {
     }
 }
 
-/// qemu's cache mode names (`bdrv_parse_cache_mode`).
-const CACHE_MODES: &[&str] = &["none", "directsync", "writeback", "unsafe", "writethrough"];
-
 /// Parse `check`'s arguments (`sub[0]` is `check`). `Ok(Err(text))` is
 /// help to print.
 pub fn parse(
@@ -162,7 +159,7 @@ pub fn parse(
         }
     };
     if let Some(mode) = cache {
-        if !CACHE_MODES.contains(&mode.as_str()) {
+        if !crate::cli::CACHE_MODES.contains(&mode.as_str()) {
             return Err(UsageError(format!(
                 "qemu-img: Invalid source cache option: {mode}\n"
             )));

@@ -173,6 +173,17 @@ pub const QEMU_IMG_COMMANDS: &[(&str, &str)] = &[
     ("snapshot", "List or manipulate snapshots within image"),
 ];
 
+/// qemu's cache mode names for `-t`/`-T` (`bdrv_parse_cache_mode`; `off`
+/// is its alias of `none`).
+pub const CACHE_MODES: &[&str] = &[
+    "none",
+    "off",
+    "directsync",
+    "writeback",
+    "unsafe",
+    "writethrough",
+];
+
 const OPT_OUTPUT: u32 = 256;
 const OPT_BACKING_CHAIN: u32 = 257;
 const OPT_OBJECT: u32 = 258;

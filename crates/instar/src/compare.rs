@@ -81,9 +81,6 @@ fn spec(style: UsageStyle) -> Spec {
     }
 }
 
-/// qemu's cache mode names (`bdrv_parse_cache_mode`).
-const CACHE_MODES: &[&str] = &["none", "directsync", "writeback", "unsafe", "writethrough"];
-
 /// Parse `compare`'s arguments (`sub[0]` is `compare`). `Ok(Err(text))`
 /// is help to print.
 pub fn parse(
@@ -203,7 +200,7 @@ pub fn run(call: &CompareCall) -> Result<Vec<u8>, CliError> {
         ));
     }
     if let Some(mode) = &args.cache {
-        if !CACHE_MODES.contains(&mode.as_str()) {
+        if !crate::cli::CACHE_MODES.contains(&mode.as_str()) {
             finish(
                 tail,
                 &format!("qemu-img: Invalid source cache option: {mode}\n"),

@@ -198,16 +198,6 @@ fn short_options(style: UsageStyle, v: QemuVersion) -> &'static str {
     }
 }
 
-/// qemu's cache mode names (`bdrv_parse_cache_mode`).
-const CACHE_MODES: &[&str] = &[
-    "none",
-    "off",
-    "directsync",
-    "writeback",
-    "unsafe",
-    "writethrough",
-];
-
 /// qemu's `is_valid_option_list`: not empty, no leading `,`, and no
 /// unpaired trailing `,` (`,,` is an escaped comma).
 fn valid_option_list(s: &str) -> bool {
@@ -379,7 +369,8 @@ pub fn parse(
             // The last -t counts; checked after the target is created, as
             // qemu does.
             x if x == c('t') => {
-                a.target_cache_error = (!CACHE_MODES.contains(&value.as_str())).then_some(value)
+                a.target_cache_error =
+                    (!crate::cli::CACHE_MODES.contains(&value.as_str())).then_some(value)
             }
             x if x == c('T') => src_cache = Some(value),
             x if x == c('q') => a.quiet = true,
@@ -447,7 +438,7 @@ pub fn parse(
         return Err(qemu("Must specify image file name".into()));
     }
     if let Some(mode) = src_cache {
-        if !CACHE_MODES.contains(&mode.as_str()) {
+        if !crate::cli::CACHE_MODES.contains(&mode.as_str()) {
             return Err(qemu(format!("Invalid source cache option: {mode}")));
         }
     }
