@@ -163,6 +163,11 @@ def test_convert_judged_by_qemu(cfg, tmp_path, case):
         # raw on this filesystem): then it must fail on qemu-img's own
         # output the same way, and the rest of the checks still apply.
         own = qemu(cfg, ["compare", "-F", ofmt, src.name, str(theirs)], src.parent)
+        if cmp.rc < 0:
+            # The judge itself died (qemu-img 10.0.2 aborts in
+            # bdrv_co_do_block_status on parallels-empty-1T: its driver's
+            # 32-bit sector count overflows); nothing to judge by.
+            pytest.skip(f"qemu-img compare died by signal {-cmp.rc}: {text(cmp.stderr)[:200]}")
         assert own.rc == cmp.rc and cmp.rc not in (0, 1), (
             f"qemu-img compare: {text(cmp.stdout)}{text(cmp.stderr)}"
         )

@@ -35,6 +35,14 @@ use instar_wire::{
 /// keep the guest's footprint (and the host's pwrite size) modest.
 pub const BATCH: u64 = 8 << 20;
 
+/// qemu's BDRV_REQUEST_MAX_SECTORS (INT_MAX >> 9) in bytes: the most
+/// qemu-img's convert asks of block status at once.
+const BDRV_REQUEST_MAX_BYTES: u64 = ((i32::MAX as u64) >> 9) << 9;
+
+/// qemu-img convert's buffer (`buf_sectors`, 2 MiB): data runs are copied,
+/// and progress is printed, in pieces of at most this.
+const PROGRESS_CHUNK: u64 = 2 << 20;
+
 /// qemu's BDRV_SECTOR_SIZE: zero detection works in sectors.
 const SECTOR: usize = 512;
 
@@ -298,8 +306,14 @@ struct Copier<'s> {
     /// The target has a backing file: zeros must be written as zeros.
     zero_writes: bool,
     progress: bool,
+    /// qemu-img's `allocated_sectors` in bytes: what progress counts.
     total: u64,
     last_step: u64,
+    /// Progress as qemu-img counts it: bytes of counted runs done, and
+    /// where its current 2 MiB chunk sequence started / should continue.
+    done: u64,
+    chunk_start: u64,
+    expect: u64,
 }
 
 impl Copier<'_> {
@@ -350,6 +364,30 @@ impl Copier<'_> {
         Ok(())
     }
 
+    /// `n` counted bytes at guest offset `g` are done: report them the way
+    /// qemu-img's copy loop does, after each chunk of at most
+    /// [`PROGRESS_CHUNK`] from the start of a run.
+    fn counted(&mut self, g: u64, n: u64) -> Result<()> {
+        if !self.progress {
+            return Ok(());
+        }
+        if g != self.expect {
+            self.chunk_start = g;
+        }
+        let end = g + n;
+        let mut at = g;
+        while at < end {
+            let chunk_end =
+                self.chunk_start + ((at - self.chunk_start) / PROGRESS_CHUNK + 1) * PROGRESS_CHUNK;
+            let e = chunk_end.min(end);
+            self.done += e - at;
+            self.report(self.done)?;
+            at = e;
+        }
+        self.expect = end;
+        Ok(())
+    }
+
     /// Report progress when the shown value (0.01 % steps) changes.
     fn report(&mut self, done: u64) -> Result<()> {
         if !self.progress || self.total == 0 {
@@ -371,6 +409,38 @@ fn pow2floor(v: u64) -> u64 {
     } else {
         1 << (63 - v.leading_zeros())
     }
+}
+
+/// qemu-img's first pass for `-p`: bytes of the runs its copy loop counts
+/// (data, and zeros when `-S 0`), so percentages match its own.
+fn counted_total(
+    files: &mut dyn Files,
+    sources: &mut [Source],
+    copy_end: u64,
+    p: &ConvertParams,
+) -> Result<u64> {
+    let mut total = 0u64;
+    let mut base = 0u64;
+    for src in sources.iter_mut() {
+        let end = src.size.min(copy_end.saturating_sub(base));
+        let mut off = 0u64;
+        while off < end {
+            let ask = (end - off).min(BDRV_REQUEST_MAX_BYTES);
+            let run = classify(files, src, off, ask, p.target_has_backing)
+                .map_err(|e| status_error(e, off))?;
+            let (len, counts) = match run {
+                Run::Data { len, .. } => (len, true),
+                Run::Zero { len } => (len, p.sparse_size / SECTOR as u64 == 0),
+                Run::Backing { len } => (len, false),
+            };
+            if counts {
+                total += len;
+            }
+            off += len;
+        }
+        base += src.size;
+    }
+    Ok(total)
 }
 
 /// Convert the sources into the target. Open errors come before anything
@@ -432,8 +502,15 @@ pub fn convert(
         alignment: pow2floor(min_sparse as u64).max(1),
         zero_writes: p.target_has_backing,
         progress: p.progress,
-        total: copy_end,
+        total: if p.progress {
+            counted_total(files, &mut sources, copy_end, p)?
+        } else {
+            0
+        },
         last_step: u64::MAX,
+        done: 0,
+        chunk_start: 0,
+        expect: u64::MAX,
     };
     c.report(0)?;
     let mut base = 0u64;
@@ -442,7 +519,10 @@ pub fn convert(
         let mut off = 0u64;
         while off < end {
             let g = base + off;
-            let run = classify(files, src, off, end - off, p.target_has_backing)
+            // qemu-img asks at most BDRV_REQUEST_MAX_SECTORS at a time
+            // (drivers with 32-bit sector counts depend on it).
+            let ask = (end - off).min(BDRV_REQUEST_MAX_BYTES);
+            let run = classify(files, src, off, ask, p.target_has_backing)
                 .map_err(|e| status_error(e, off))?;
             match run {
                 Run::Data { len, at, depth } => {
@@ -483,6 +563,7 @@ pub fn convert(
                     }
                     c.pending_len += nu;
                     off += n;
+                    c.counted(g, n)?;
                 }
                 Run::Zero { len } => {
                     c.flush(files)?;
@@ -490,17 +571,17 @@ pub fn convert(
                         c.writer.zero(&mut c.sink, g, len)?;
                     }
                     off += len;
+                    if c.min_sparse == 0 {
+                        c.counted(g, len)?;
+                    }
                 }
                 Run::Backing { len } => {
                     c.flush(files)?;
                     off += len;
                 }
             }
-            // Bytes still in the batch are not done yet.
-            c.report(base + off - c.pending_len as u64)?;
         }
         c.flush(files)?;
-        c.report(base + end)?;
         base += src.size;
     }
     c.flush(files)?;
