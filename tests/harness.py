@@ -307,6 +307,24 @@ MAP_FORMATS += ("qed", "qcow", "parallels", "bochs", "cloop", "dmg", "luks")
 MAP_FORMATS += ("vmdk", "vpc", "vhdx", "vdi")
 
 
+# The heavy write-and-judge sweeps (convert, compare against a conversion)
+# run on one image per (tier, format, category) unless this is set: every
+# image is about an hour on 2 cores, over CI's budget. tools/matrix.py and
+# release checks set it (docs/testing.md).
+EXHAUSTIVE = os.environ.get("INSTAR_TEST_EXHAUSTIVE") == "1"
+
+
+def one_per_category(images):
+    """The first image of each (tier, format, category), in order."""
+    seen, out = set(), []
+    for i in images:
+        key = (i.tier, i.format, i.category)
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
+
+
 def map_implemented(image: Image) -> bool:
     return image.format in MAP_FORMATS and not image.path.startswith(MAP_OTHER_FORMAT_CHAINS)
 
