@@ -79,8 +79,6 @@ def sub_run(cfg, tmp, name, binary, qemu_img, images):
         INSTAR_TEST_IMAGES=",".join(images),
         INSTAR_TEST_RESULTS_DIR=str(results),
         INSTAR_NO_GENERATE="1",
-        # The leak happens in the wrapper itself: trace from its execve on.
-        INSTAR_TRACED_PROGRAM=str(leak),
     )
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
@@ -155,6 +153,8 @@ def test_allowlist_catches_an_outside_open(cfg, tmp_path):
         INSTAR_TEST_IMAGES=hostile[0],
         INSTAR_TEST_RESULTS_DIR=str(tmp_path / "results"),
         INSTAR_NO_GENERATE="1",
+        # The leak happens in the wrapper itself: trace from its execve on.
+        INSTAR_TRACED_PROGRAM=str(leak),
     )
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "test_hostile.py"),
