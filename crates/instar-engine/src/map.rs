@@ -241,7 +241,6 @@ impl Out {
 pub fn map(files: &mut dyn Files, p: &MapParams) -> Result<MapResult> {
     let mut chain = open_chain(files, ROOT_FILE, p.format, p.filename, p.max_chain_depth)?;
     let size = chain[0].image.virtual_size();
-    let can_compress = chain[0].image.can_compress();
     // Each image warns as it opens, the image before its backing files.
     let warnings = chain
         .iter()
@@ -302,7 +301,6 @@ pub fn map(files: &mut dyn Files, p: &MapParams) -> Result<MapResult> {
         }
     }
     Ok(MapResult {
-        can_compress,
         entries: out.entries,
         error,
         warnings,
@@ -375,7 +373,7 @@ mod tests {
         assert_eq!(m.entries.len(), 2);
         assert_eq!((m.entries[0].length, m.entries[0].offset), (1000, Some(0)));
         assert!(m.entries[1].zero && !m.entries[1].data);
-        assert!(m.can_compress && m.error.is_none());
+        assert!(m.error.is_none());
         // Human output keeps only data runs.
         let m = map(&mut f, &params(true)).unwrap();
         assert_eq!(m.entries.len(), 1);

@@ -246,9 +246,6 @@ impl crate::map::MapImage for CloopMap {
     fn virtual_size(&self) -> u64 {
         self.size
     }
-    fn can_compress(&self) -> bool {
-        true
-    }
     fn block_status(
         &mut self,
         _files: &mut dyn Files,

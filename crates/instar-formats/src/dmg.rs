@@ -629,9 +629,6 @@ impl crate::map::MapImage for DmgMap {
     fn virtual_size(&self) -> u64 {
         self.size
     }
-    fn can_compress(&self) -> bool {
-        true
-    }
     fn warnings(&self) -> &[String] {
         &self.warnings
     }

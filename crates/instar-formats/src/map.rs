@@ -89,11 +89,6 @@ pub trait MapImage {
     fn supports_backing(&self) -> bool {
         false
     }
-    /// qemu's `block_driver_can_compress`: the driver writes compressed
-    /// clusters (qemu-img map prints the `compressed` key only then).
-    fn can_compress(&self) -> bool {
-        false
-    }
     /// Lines qemu prints on stderr while opening.
     fn warnings(&self) -> &[String] {
         &[]

@@ -379,9 +379,6 @@ impl crate::map::MapImage for QcowMap {
     fn supports_backing(&self) -> bool {
         true
     }
-    fn can_compress(&self) -> bool {
-        true
-    }
     fn block_status(
         &mut self,
         files: &mut dyn Files,

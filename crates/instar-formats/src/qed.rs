@@ -324,10 +324,6 @@ impl crate::map::MapImage for QedMap {
     fn supports_backing(&self) -> bool {
         true
     }
-    fn can_compress(&self) -> bool {
-        // qemu-img 8.2 and later print `compressed` for every format.
-        true
-    }
     fn block_status(
         &mut self,
         files: &mut dyn Files,

@@ -56,11 +56,6 @@ impl crate::map::MapImage for RawMap {
     fn virtual_size(&self) -> u64 {
         self.size
     }
-    fn can_compress(&self) -> bool {
-        // qemu's raw driver passes compressed writes through, so
-        // block_driver_can_compress() is true and map JSON has the key.
-        true
-    }
     fn block_status(
         &mut self,
         files: &mut dyn Files,

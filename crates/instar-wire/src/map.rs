@@ -34,9 +34,6 @@ pub struct MapEntry {
 /// Result of [`crate::Request::Map`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapResult {
-    /// The format driver can write compressed clusters (qemu prints the
-    /// `compressed` key of JSON entries only then, from 8.2).
-    pub can_compress: bool,
     /// Merged entries in guest order, as qemu-img's JSON output lists them
     /// (the human renderer merges further, as qemu-img does).
     pub entries: Vec<MapEntry>,

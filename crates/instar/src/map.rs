@@ -169,7 +169,7 @@ pub fn run(call: &MapCall) -> Result<Vec<u8>, CliError> {
         render_json(
             &result.entries,
             call.profile.map_present,
-            call.profile.map_compressed && result.can_compress,
+            call.profile.map_compressed,
             complete,
         )
     };

@@ -385,9 +385,6 @@ impl MapImage for Qcow2Map {
     fn supports_backing(&self) -> bool {
         true
     }
-    fn can_compress(&self) -> bool {
-        true
-    }
     fn warnings(&self) -> &[String] {
         &self.warnings
     }

@@ -67,10 +67,6 @@ impl MapImage for VdiMap {
     fn virtual_size(&self) -> u64 {
         self.size
     }
-    fn can_compress(&self) -> bool {
-        // qemu-img 8.2 on prints the key for every format.
-        true
-    }
     fn block_status(&mut self, files: &mut dyn Files, offset: u64, len: u64) -> Result<Extent> {
         let bs = self.block_size;
         let first = self.entry(files, offset / bs)?;

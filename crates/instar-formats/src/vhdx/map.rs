@@ -50,10 +50,6 @@ impl MapImage for VhdxMap {
     fn virtual_size(&self) -> u64 {
         self.size
     }
-    fn can_compress(&self) -> bool {
-        // qemu-img 8.2 on prints the key for every format.
-        true
-    }
     fn block_status(&mut self, _files: &mut dyn Files, _offset: u64, len: u64) -> Result<Extent> {
         Ok(Extent::new(len, Mapping::Opaque))
     }

@@ -318,9 +318,6 @@ impl MapImage for VmdkMap {
     fn supports_backing(&self) -> bool {
         true
     }
-    fn can_compress(&self) -> bool {
-        true
-    }
     fn block_status(&mut self, files: &mut dyn Files, offset: u64, len: u64) -> Result<Extent> {
         let (ei, g, in_cluster, n) = self.grain_status(files, offset)?;
         let e = &self.extents[ei];

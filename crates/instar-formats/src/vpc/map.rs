@@ -91,10 +91,6 @@ impl MapImage for VpcMap {
     fn virtual_size(&self) -> u64 {
         self.size
     }
-    fn can_compress(&self) -> bool {
-        // qemu-img 8.2 on prints the key for every format.
-        true
-    }
     fn block_status(&mut self, files: &mut dyn Files, offset: u64, len: u64) -> Result<Extent> {
         let Some(d) = &self.dynamic else {
             let (data, length) = file_status(files, self.file, offset, len)?;
