@@ -357,9 +357,11 @@ pub fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// qemu's `qemu_strtou64(.., base 0)`: decimal, `0x` hex or `0` octal;
-/// a leading minus wraps around as strtoull does.
-pub fn parse_number(v: &str) -> Option<u64> {
+/// How C's `strto*(s, &end, 0)` reads `v`: leading white space skipped,
+/// an optional sign (true: minus), then `0x` hex, `0` octal or decimal.
+/// Gives the sign, the radix and the digits (not checked); `None` when
+/// no digits follow.
+pub fn c_number_parts(v: &str) -> Option<(bool, u32, &str)> {
     let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
     let (neg, t) = match t.as_bytes().first() {
         Some(b'-') => (true, &t[1..]),
@@ -373,9 +375,13 @@ pub fn parse_number(v: &str) -> Option<u64> {
     } else {
         (10, t)
     };
-    if digits.is_empty() {
-        return None;
-    }
+    (!digits.is_empty()).then_some((neg, radix, digits))
+}
+
+/// qemu's `qemu_strtou64(.., base 0)`: decimal, `0x` hex or `0` octal;
+/// a leading minus wraps around as strtoull does.
+pub fn parse_number(v: &str) -> Option<u64> {
+    let (neg, radix, digits) = c_number_parts(v)?;
     let n = u64::from_str_radix(digits, radix).ok()?;
     Some(if neg { n.wrapping_neg() } else { n })
 }

@@ -241,20 +241,8 @@ fn cvtnum(name: &str, value: &str, v: QemuVersion) -> Result<u64, String> {
 /// C's `strtoll(s, &end, 0)` over the whole string (qemu_strtoi64):
 /// `None` when not a number, `Some(Err(()))` when out of range.
 fn strtoll_full(s: &str) -> Option<Result<i64, ()>> {
-    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
-    let (neg, t) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        (16, h)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|ch| ch.is_digit(radix)) {
+    let (neg, radix, digits) = opts::c_number_parts(s)?;
+    if !digits.chars().all(|ch| ch.is_digit(radix)) {
         return None;
     }
     let n = match i128::from_str_radix(digits, radix) {
