@@ -6,6 +6,7 @@
 //! never writes images.
 
 use crate::cli::{OutputFormat, UsageError};
+use crate::cli::{OPT_IMAGE_OPTS, OPT_OBJECT, OPT_OUTPUT};
 use crate::config::Config;
 use crate::error::CliError;
 use crate::getopt::{self, c, long, HasArg, LongOpt, Spec};
@@ -38,10 +39,6 @@ pub struct CheckArgs {
     /// Index of the file name in the argument vector.
     pub filename_index: usize,
 }
-
-const OPT_OUTPUT: u32 = 256;
-const OPT_OBJECT: u32 = 258;
-const OPT_IMAGE_OPTS: u32 = 259;
 
 /// `img_check`'s long options before the rework, in qemu's table order.
 const LONG_CLASSIC: &[LongOpt] = &[

@@ -184,10 +184,12 @@ pub const CACHE_MODES: &[&str] = &[
     "writethrough",
 ];
 
-const OPT_OUTPUT: u32 = 256;
+/// Ids of long options without a short letter; the ones several commands
+/// share are defined once here (command modules number theirs from 261).
+pub(crate) const OPT_OUTPUT: u32 = 256;
 const OPT_BACKING_CHAIN: u32 = 257;
-const OPT_OBJECT: u32 = 258;
-const OPT_IMAGE_OPTS: u32 = 259;
+pub(crate) const OPT_OBJECT: u32 = 258;
+pub(crate) const OPT_IMAGE_OPTS: u32 = 259;
 const OPT_LIMITS: u32 = 260;
 
 /// qemu-img main's options.

@@ -5,6 +5,7 @@
 //! and messages per usage style).
 
 use crate::cli::UsageError;
+use crate::cli::{OPT_IMAGE_OPTS, OPT_OBJECT};
 use crate::config::Config;
 use crate::error::CliError;
 use crate::getopt::{self, c, long, HasArg, LongOpt, Spec};
@@ -40,9 +41,6 @@ pub struct CompareArgs {
     /// Indices of the two file names in the argument vector.
     pub filename_index: [usize; 2],
 }
-
-const OPT_OBJECT: u32 = 258;
-const OPT_IMAGE_OPTS: u32 = 259;
 
 /// `img_compare`'s long options before the rework, in qemu's table order.
 const LONG_CLASSIC: &[LongOpt] = &[

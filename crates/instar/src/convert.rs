@@ -12,6 +12,7 @@
 //! the sources first (in the sandbox) so the first message is qemu-img's.
 
 use crate::cli::UsageError;
+use crate::cli::{OPT_IMAGE_OPTS, OPT_OBJECT};
 use crate::config::Config;
 use crate::error::CliError;
 use crate::getopt::{self, c, long, HasArg, LongOpt, Spec};
@@ -80,8 +81,6 @@ pub struct ConvertArgs {
     pub operands: Vec<usize>,
 }
 
-const OPT_OBJECT: u32 = 258;
-const OPT_IMAGE_OPTS: u32 = 259;
 const OPT_TARGET_IMAGE_OPTS: u32 = 270;
 const OPT_SALVAGE: u32 = 271;
 const OPT_TARGET_IS_ZERO: u32 = 272;

@@ -4,6 +4,7 @@
 //! loop and argument checks, with its messages per version).
 
 use crate::cli::{OutputFormat, UsageError};
+use crate::cli::{OPT_IMAGE_OPTS, OPT_OBJECT, OPT_OUTPUT};
 use crate::config::Config;
 use crate::error::CliError;
 use crate::getopt::{self, c, long, HasArg, LongOpt, Spec};
@@ -41,9 +42,6 @@ pub struct MeasureArgs {
     pub operands: Vec<usize>,
 }
 
-const OPT_IMAGE_OPTS: u32 = 259;
-const OPT_OBJECT: u32 = 258;
-const OPT_OUTPUT: u32 = 256;
 const OPT_SIZE: u32 = 261;
 
 /// qemu-img up to 9.x (and 10.0 without Debian's patch): `img_measure`'s
